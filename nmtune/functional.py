@@ -1,0 +1,371 @@
+"""NMTune's loss terms and spectral metrics as pure functions.
+
+Every function takes features of shape ``(..., M, D)``: ``M`` samples (rows)
+of ``D`` features, with any number of leading dimensions for a stack of
+feature matrices (several layers, groups or heads) handled in one call.
+Per-matrix results have the leading shape ``(...)``; a single matrix gives a
+0-dim tensor. Results come back in the input's dtype.
+
+The terms follow Section 3.1 of the paper (Chen et al., ICLR 2024):
+
+* :func:`consistency_loss` -- ``|| F/||F|| - Z/||Z|| ||^2`` per sample;
+* :func:`covariance_loss` -- ``(1/D) sum_{i != j} C(Z)_ij^2``;
+* :func:`singular_value_ratio_loss` -- ``-sigma_1 / sum_j sigma_j`` of ``Z``
+  (``top_k > 1``: the mean of the top-``k`` normalised singular values, as in
+  the authors' released code);
+
+and the metrics of Section 2: singular value entropy (SVE), largest singular
+value ratio (LSVR) and effective rank ``exp(SVE)``.
+
+Validation happens here, once, at the public entry points; the
+:mod:`nmtune._kernels` they call assume valid input.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from nmtune import _kernels
+
+__all__ = [
+    "consistency_loss",
+    "covariance_loss",
+    "singular_values",
+    "singular_value_ratio_loss",
+    "singular_value_entropy",
+    "largest_singular_value_ratio",
+    "effective_rank",
+    "spectrum_metrics",
+    "ratio_from_singular_values",
+    "entropy_from_singular_values",
+    "lsvr_from_singular_values",
+]
+
+REDUCTIONS = ("mean", "sum", "none")
+CONSISTENCY_MODES = ("sample", "element")
+
+
+# ----------------------------------------------------------------------------
+# validation
+
+
+def _shape(x: Tensor) -> tuple[int, ...]:
+    return tuple(x.shape)
+
+
+def validate_features(z: object, name: str = "z", *, min_rows: int = 2) -> Tensor:
+    """Validate a feature stack ``(..., M, D)``; returns it unchanged.
+
+    Raises:
+        TypeError: ``z`` is not a floating-point tensor.
+        ValueError: fewer than two dimensions, fewer than ``min_rows`` rows,
+            or no feature columns.
+    """
+    if not isinstance(z, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (..., M, D); got {type(z).__name__}")
+    if not z.is_floating_point():
+        raise TypeError(
+            f"{name} must be a floating-point tensor (float16/bfloat16/float32/float64); got dtype {z.dtype}"
+        )
+    if z.dim() < 2:
+        raise ValueError(f"{name} must have shape (..., M, D) with at least 2 dims; got shape {_shape(z)}")
+    if z.shape[-2] < min_rows:
+        raise ValueError(
+            f"{name} has {z.shape[-2]} row(s); the batch statistics need at least {min_rows} "
+            f"(got shape {_shape(z)})"
+        )
+    if z.shape[-1] < 1:
+        raise ValueError(f"{name} has no feature columns (got shape {_shape(z)})")
+    return z
+
+
+def validate_finite(x: Tensor, name: str = "z") -> None:
+    """Raise ``ValueError`` if ``x`` holds NaN or Inf.
+
+    This is the only value-dependent check in nmtune and costs one host
+    synchronisation; it is skipped while ``torch.compile`` traces.
+    """
+    if torch.compiler.is_compiling():
+        return
+    if not bool(torch.isfinite(x).all()):
+        n_nan = int(torch.isnan(x).sum())
+        n_inf = int(torch.isinf(x).sum())
+        raise ValueError(
+            f"{name} holds {n_nan} NaN and {n_inf} Inf value(s) (shape {_shape(x)}); expected finite "
+            "features. Pass check_finite=False to skip this check."
+        )
+
+
+def validate_precision(precision: str) -> str:
+    if precision not in _kernels.PRECISIONS:
+        raise ValueError(f"precision must be one of {_kernels.PRECISIONS}; got {precision!r}")
+    return precision
+
+
+def validate_top_k(top_k: object, z_shape: tuple[int, ...] | torch.Size) -> int:
+    if isinstance(top_k, bool) or not isinstance(top_k, int):
+        raise TypeError(f"top_k must be an int >= 1; got {top_k!r}")
+    bound = min(z_shape[-2], z_shape[-1])
+    if top_k < 1 or top_k > bound:
+        raise ValueError(
+            f"top_k must be in [1, min(M, D)] = [1, {bound}] for features of shape {tuple(z_shape)}; "
+            f"got {top_k}"
+        )
+    return top_k
+
+
+# ----------------------------------------------------------------------------
+# functions of the singular values
+
+
+def _normalised_spectrum(sigma: Tensor) -> Tensor:
+    """``p_i = sigma_i / sum_j sigma_j``; an all-zero spectrum maps to ``e_1``.
+
+    The zero matrix has no direction; choosing the point mass ``e_1`` keeps
+    every function of ``p`` finite, in range (SVE = 0, LSVR = 0, ratio = 1)
+    and with zero gradient.
+    """
+    total = sigma.sum(dim=-1, keepdim=True)
+    nonzero = total > 0
+    e1 = torch.zeros_like(sigma)
+    e1[..., 0] = 1.0
+    return torch.where(nonzero, sigma / torch.where(nonzero, total, 1.0), e1)
+
+
+def ratio_from_singular_values(sigma: Tensor, top_k: int = 1) -> Tensor:
+    """``-(1/k) sum_{i<=k} sigma_i / sum_j sigma_j`` from descending ``sigma``."""
+    p = _normalised_spectrum(sigma)
+    return -p[..., :top_k].sum(dim=-1) / top_k
+
+
+def entropy_from_singular_values(sigma: Tensor) -> Tensor:
+    """Singular value entropy ``-sum_i p_i log p_i`` (``0 log 0 = 0``)."""
+    p = _normalised_spectrum(sigma)
+    positive = p > 0
+    return -torch.where(positive, p * torch.log(torch.where(positive, p, 1.0)), 0.0).sum(dim=-1)
+
+
+def lsvr_from_singular_values(sigma: Tensor) -> Tensor:
+    """Largest singular value ratio ``-log(sigma_1 / sum_j sigma_j)``."""
+    return -torch.log(_normalised_spectrum(sigma)[..., 0])
+
+
+def spectrum_metrics(sigma: Tensor) -> dict[str, Tensor]:
+    """SVE, LSVR and effective rank of precomputed singular values.
+
+    Args:
+        sigma: ``(..., K)`` singular values in descending order.
+
+    Returns:
+        ``{"sve": ..., "lsvr": ..., "effective_rank": ...}``, each ``(...)``.
+    """
+    sve = entropy_from_singular_values(sigma)
+    return {"sve": sve, "lsvr": lsvr_from_singular_values(sigma), "effective_rank": sve.exp()}
+
+
+# ----------------------------------------------------------------------------
+# public terms
+
+
+def consistency_loss(
+    z: Tensor,
+    f: Tensor,
+    *,
+    mode: str = "sample",
+    reduction: str = "mean",
+    check_finite: bool = True,
+) -> Tensor:
+    """Consistency with the pre-trained features: ``|| F/||F|| - Z/||Z|| ||^2``.
+
+    Each row of ``z`` and of ``f`` is L2-normalised; ``f`` is the frozen
+    reference and is detached. All-zero rows normalise to zero (no
+    ``1 / eps`` gradients).
+
+    Args:
+        z: Tuned features ``(..., M, D)``.
+        f: Reference (pre-trained) features, same shape as ``z``.
+        mode: ``"sample"`` (the paper: squared distance summed over ``D``)
+            or ``"element"`` (the authors' code: averaged over ``D``, like
+            ``nn.MSELoss`` on the normalised rows).
+        reduction: ``"mean"`` over rows (and leading dims), ``"sum"``, or
+            ``"none"`` for the per-row distances ``(..., M)``.
+        check_finite: Raise on NaN/Inf inputs (one host sync).
+
+    Returns:
+        The loss in ``z``'s dtype.
+
+    Example:
+        >>> f = torch.randn(32, 64)
+        >>> float(consistency_loss(f * 3.0, f))  # scale invariant
+        0.0
+    """
+    validate_features(z, "z", min_rows=1)
+    validate_features(f, "f", min_rows=1)
+    if z.shape != f.shape:
+        raise ValueError(
+            f"z and f must have the same shape (..., M, D); got z {_shape(z)} and f {_shape(f)}"
+        )
+    if mode not in CONSISTENCY_MODES:
+        raise ValueError(f"mode must be one of {CONSISTENCY_MODES}; got {mode!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}; got {reduction!r}")
+    if check_finite:
+        validate_finite(z, "z")
+        validate_finite(f, "f")
+    with torch.autocast(device_type=z.device.type, enabled=False):
+        zn = _kernels.normalize_rows(_kernels.upcast(z, "float32"))
+        fn = _kernels.normalize_rows(_kernels.upcast(f.detach(), "float32").to(zn.dtype))
+        dist = (zn - fn).square().sum(dim=-1)
+        if mode == "element":
+            dist = dist / z.shape[-1]
+        if reduction == "mean":
+            dist = dist.mean()
+        elif reduction == "sum":
+            dist = dist.sum()
+    return dist.to(z.dtype)
+
+
+def covariance_loss(z: Tensor, *, precision: str = "float32", check_finite: bool = True) -> Tensor:
+    """Covariance decorrelation ``(1/D) sum_{i != j} C_ij^2``.
+
+    ``C = (Z - mean)^T (Z - mean) / (M - 1)`` is the sample covariance of
+    the batch actually passed (``M`` from the tensor's shape). Computed
+    through the smaller of the ``M x M`` and ``D x D`` Gram matrices; no
+    ``D x D`` mask or copy.
+
+    Args:
+        z: Features ``(..., M, D)`` with ``M >= 2``.
+        precision: Dtype of the Gram product (``"float32"`` or ``"float64"``).
+        check_finite: Raise on NaN/Inf inputs (one host sync).
+
+    Returns:
+        ``(...)`` tensor, in ``z``'s dtype.
+
+    Example:
+        >>> z = torch.randn(128, 16)
+        >>> covariance_loss(z).shape
+        torch.Size([])
+    """
+    validate_features(z)
+    validate_precision(precision)
+    if check_finite:
+        validate_finite(z)
+    stats = _kernels.spectral_stats(z, precision=precision, singular_values=False)
+    energy = stats.offdiag_energy
+    return (energy / z.shape[-1]).to(z.dtype)  # type: ignore[operator]
+
+
+def singular_values(
+    z: Tensor,
+    *,
+    precision: str = "float64",
+    normalize_rows: bool = False,
+    check_finite: bool = True,
+) -> Tensor:
+    """Singular values of ``z`` (uncentred), descending, differentiable.
+
+    Computed as ``sqrt`` of the eigenvalues of the smaller Gram matrix,
+    in float64 by default (a float32 Gram loses singular values below about
+    ``3e-4 sigma_1``).
+
+    Args:
+        z: Features ``(..., M, D)`` with ``M >= 2``.
+        precision: ``"float64"`` (default) or ``"float32"`` (faster).
+        normalize_rows: L2-normalise rows first (the authors' analysis).
+        check_finite: Raise on NaN/Inf inputs (one host sync).
+
+    Returns:
+        ``(..., min(M, D))`` in ``z``'s dtype.
+
+    Example:
+        >>> singular_values(torch.diag(torch.tensor([3.0, 1.0])))
+        tensor([3., 1.])
+    """
+    validate_features(z)
+    validate_precision(precision)
+    if check_finite:
+        validate_finite(z)
+    stats = _kernels.spectral_stats(
+        z, precision=precision, covariance=False, normalize_rows=normalize_rows
+    )
+    return stats.singular_values.to(z.dtype)  # type: ignore[union-attr]
+
+
+def singular_value_ratio_loss(
+    z: Tensor, top_k: int = 1, *, precision: str = "float64", check_finite: bool = True
+) -> Tensor:
+    """Dominant singular value term ``-(1/k) sum_{i<=k} sigma_i / sum_j sigma_j``.
+
+    ``top_k=1`` is the paper's ``-sigma_1 / sum sigma``; ``top_k=5`` is what
+    the authors' released code uses. Bounded in ``[-1/k, -1/min(M, D)]``.
+
+    Args:
+        z: Features ``(..., M, D)`` with ``M >= 2``.
+        top_k: Number of leading singular values, ``1 <= k <= min(M, D)``.
+        precision: Spectrum precision, ``"float64"`` or ``"float32"``.
+        check_finite: Raise on NaN/Inf inputs (one host sync).
+
+    Example:
+        >>> float(singular_value_ratio_loss(torch.ones(4, 3)))  # rank one
+        -1.0
+    """
+    validate_features(z)
+    validate_top_k(top_k, z.shape)
+    sigma = singular_values(z, precision=precision, check_finite=check_finite)
+    return ratio_from_singular_values(sigma, top_k)
+
+
+def singular_value_entropy(
+    z: Tensor,
+    *,
+    precision: str = "float64",
+    normalize_rows: bool = False,
+    check_finite: bool = True,
+) -> Tensor:
+    """Singular value entropy (SVE) ``-sum_i p_i log p_i``, ``p = sigma / sum sigma``.
+
+    Lies in ``[0, log min(M, D)]``; higher means the features span more
+    directions (the paper's signature of pre-training noise).
+
+    Example:
+        >>> round(float(singular_value_entropy(torch.eye(4))), 4)  # log 4
+        1.3863
+    """
+    sigma = singular_values(z, precision=precision, normalize_rows=normalize_rows, check_finite=check_finite)
+    return entropy_from_singular_values(sigma)
+
+
+def largest_singular_value_ratio(
+    z: Tensor,
+    *,
+    precision: str = "float64",
+    normalize_rows: bool = False,
+    check_finite: bool = True,
+) -> Tensor:
+    """Largest singular value ratio (LSVR) ``-log(sigma_1 / sum_j sigma_j) >= 0``.
+
+    Example:
+        >>> float(largest_singular_value_ratio(torch.ones(4, 3)))
+        0.0
+    """
+    sigma = singular_values(z, precision=precision, normalize_rows=normalize_rows, check_finite=check_finite)
+    return lsvr_from_singular_values(sigma)
+
+
+def effective_rank(
+    z: Tensor,
+    *,
+    precision: str = "float64",
+    normalize_rows: bool = False,
+    check_finite: bool = True,
+) -> Tensor:
+    """Effective rank ``exp(SVE)`` (Roy & Vetterli), in ``[1, min(M, D)]``.
+
+    Example:
+        >>> round(float(effective_rank(torch.eye(4))), 4)
+        4.0
+    """
+    return singular_value_entropy(
+        z, precision=precision, normalize_rows=normalize_rows, check_finite=check_finite
+    ).exp()

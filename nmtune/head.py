@@ -1,0 +1,149 @@
+"""``NMTuneHead``: the MLP ``h`` that reshapes frozen features, plus a classifier.
+
+One class expresses every method the paper compares:
+
+* linear probing: ``NMTuneHead(D, C, mlp=False)`` (``Z = F``) with a plain
+  task loss;
+* MLP tuning: ``NMTuneHead(D, C)`` with a plain task loss
+  (``NMTuneLoss("none")``);
+* NMTune: ``NMTuneHead(D, C)`` with ``NMTuneLoss()``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["NMTuneHead", "HeadOutput", "HEAD_PRESETS"]
+
+HEAD_PRESETS: dict[str, dict[str, Any]] = {
+    # Section 3.1: a 2-layer MLP with ReLU mapping D -> D -> D, then a linear classifier.
+    "paper": dict(mlp=True, hidden_multiplier=1, batch_norm=False, residual=False),
+    # The authors' released code: D -> 4D -> BatchNorm -> ReLU -> D, Z = s * MLP(F) + F.
+    "official": dict(mlp=True, hidden_multiplier=4, batch_norm=True, residual=True),
+    # Linear probing: Z = F.
+    "linear": dict(mlp=False, hidden_multiplier=1, batch_norm=False, residual=False),
+}
+
+
+class HeadOutput(NamedTuple):
+    """What :class:`NMTuneHead` returns.
+
+    Attributes:
+        logits: ``(..., num_classes)``.
+        features: The tuned features ``Z`` (``(..., in_features)``); equal
+            to the input for a linear probe.
+    """
+
+    logits: Tensor
+    features: Tensor
+
+
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int; got {value!r}")
+    return value
+
+
+class NMTuneHead(nn.Module):
+    """MLP ``h: F -> Z`` (same width as ``F``) followed by a linear classifier.
+
+    Args:
+        in_features: Width ``D`` of the frozen features (and of ``Z``).
+        num_classes: Number of output logits.
+        hidden_features: Hidden width of the MLP (default ``in_features``,
+            the paper's ``D -> D -> D``).
+        mlp: ``False`` gives a linear probe (``Z = F``).
+        batch_norm: BatchNorm1d after the first layer (the authors' code).
+        residual: ``Z = s * MLP(F) + F`` with a learnable per-dimension scale
+            ``s`` initialised to one (the authors' code).
+        dropout: Dropout probability after the activation.
+
+    Example:
+        >>> head = NMTuneHead(in_features=768, num_classes=100)
+        >>> out = head(torch.randn(8, 768))
+        >>> out.logits.shape, out.features.shape
+        (torch.Size([8, 100]), torch.Size([8, 768]))
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        hidden_features: int | None = None,
+        *,
+        mlp: bool = True,
+        batch_norm: bool = False,
+        residual: bool = False,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.in_features = _positive_int("in_features", in_features)
+        self.num_classes = _positive_int("num_classes", num_classes)
+        if not mlp and (batch_norm or residual or hidden_features is not None or dropout):
+            raise ValueError(
+                "a linear probe (mlp=False) has no MLP: hidden_features, batch_norm, residual and dropout "
+                f"must be left at their defaults; got hidden_features={hidden_features!r}, "
+                f"batch_norm={batch_norm!r}, residual={residual!r}, dropout={dropout!r}"
+            )
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1); got {dropout!r}")
+        self.hidden_features = _positive_int("hidden_features", hidden_features or in_features) if mlp else 0
+        self.residual = residual
+        self.mlp: nn.Sequential | None = None
+        if mlp:
+            layers: list[nn.Module] = [nn.Linear(in_features, self.hidden_features)]
+            if batch_norm:
+                layers.append(nn.BatchNorm1d(self.hidden_features))
+            layers.append(nn.ReLU(inplace=True))
+            if dropout:
+                layers.append(nn.Dropout(dropout))
+            layers.append(nn.Linear(self.hidden_features, in_features))
+            self.mlp = nn.Sequential(*layers)
+        self.scale = nn.Parameter(torch.ones(in_features)) if residual else None
+        self.classifier = nn.Linear(in_features, num_classes)
+
+    @classmethod
+    def from_preset(cls, name: str, in_features: int, num_classes: int, **overrides: Any) -> NMTuneHead:
+        """A head from a named preset: ``"paper"``, ``"official"`` or ``"linear"``."""
+        if name not in HEAD_PRESETS:
+            raise ValueError(f"unknown head preset {name!r}; expected one of {sorted(HEAD_PRESETS)}")
+        kwargs = dict(HEAD_PRESETS[name])
+        kwargs.update(overrides)
+        multiplier = kwargs.pop("hidden_multiplier")
+        if kwargs["mlp"] and "hidden_features" not in kwargs:
+            kwargs["hidden_features"] = multiplier * in_features
+        return cls(in_features, num_classes, **kwargs)
+
+    @property
+    def is_linear_probe(self) -> bool:
+        return self.mlp is None
+
+    def transform(self, features: Tensor) -> Tensor:
+        """The tuned features ``Z = h(F)`` (``F`` itself for a linear probe)."""
+        if not isinstance(features, Tensor) or not features.is_floating_point():
+            got = features.dtype if isinstance(features, Tensor) else type(features).__name__
+            raise TypeError(f"features must be a floating-point tensor (..., {self.in_features}); got {got}")
+        if features.dim() < 1 or features.shape[-1] != self.in_features:
+            raise ValueError(
+                f"features must have shape (..., {self.in_features}); got {tuple(features.shape)}"
+            )
+        if self.mlp is None:
+            return features
+        lead = features.shape[:-1]
+        z = self.mlp(features.reshape(-1, self.in_features)).reshape(*lead, self.in_features)
+        if self.scale is not None:
+            z = self.scale * z + features
+        return z
+
+    def forward(self, features: Tensor) -> HeadOutput:
+        z = self.transform(features)
+        return HeadOutput(self.classifier(z), z)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, num_classes={self.num_classes}, "
+            f"hidden_features={self.hidden_features}, residual={self.residual}"
+        )

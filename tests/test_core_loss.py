@@ -1,0 +1,195 @@
+"""NMTuneConfig, NMTuneRegularizer and NMTuneLoss."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import reference as ref
+from nmtune import LossComponents, NMTuneConfig, NMTuneHead, NMTuneLoss, NMTuneRegularizer
+
+
+def _zf(m=32, d=16, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    f = torch.randn(m, d, generator=g, dtype=dtype)
+    z = f + 0.3 * torch.randn(m, d, generator=g, dtype=dtype)
+    return z, f
+
+
+def test_presets_have_the_exact_weights():
+    paper = NMTuneConfig.from_preset("paper")
+    assert (paper.lambda_, paper.mse_weight, paper.cov_weight, paper.svd_weight) == (0.01, 1.0, 1.0, 1.0)
+    assert (paper.top_k, paper.consistency, paper.precision) == (1, "sample", "float64")
+    official = NMTuneConfig.from_preset("official")
+    assert (official.lambda_, official.mse_weight, official.cov_weight, official.svd_weight) == (1.0, 1.0, 0.04, 0.001)
+    assert (official.top_k, official.consistency) == (5, "element")
+    none = NMTuneConfig.from_preset("none")
+    assert none.lambda_ == 0.0
+    assert NMTuneConfig() == paper
+    assert NMTuneLoss().config == paper
+
+
+@pytest.mark.parametrize("preset", ["paper", "official", "none"])
+def test_config_json_round_trip(preset):
+    cfg = NMTuneConfig.from_preset(preset, precision="float32", check_finite=False)
+    text = cfg.to_json()
+    assert json.loads(text)["precision"] == "float32"
+    assert NMTuneConfig.from_json(text) == cfg
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (dict(lambda_=-1.0), ValueError, r"lambda_.*>= 0; got -1.0"),
+        (dict(cov_weight=float("nan")), ValueError, "cov_weight.*nan"),
+        (dict(mse_weight="1"), TypeError, "mse_weight.*'1'"),
+        (dict(top_k=0), ValueError, "top_k.*got 0"),
+        (dict(consistency="l2"), ValueError, "consistency.*'l2'"),
+        (dict(precision="half"), ValueError, "precision.*'half'"),
+        (dict(check_finite=1), TypeError, "check_finite.*bool"),
+    ],
+)
+def test_config_validation(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        NMTuneConfig(**kwargs)
+
+
+def test_unknown_preset_and_fields():
+    with pytest.raises(ValueError, match=r"unknown preset 'paperz'.*\['none', 'official', 'paper'\]"):
+        NMTuneConfig.from_preset("paperz")
+    with pytest.raises(ValueError, match=r"unknown NMTuneConfig field\(s\) \['lam'\]"):
+        NMTuneConfig.from_dict({"lam": 1.0})
+    with pytest.raises(TypeError, match="preset name"):
+        NMTuneLoss(config=3)
+
+
+@pytest.mark.parametrize("preset", ["paper", "official"])
+def test_regularizer_matches_reference(preset):
+    z, f = _zf(m=24, d=40)
+    cfg = NMTuneConfig.from_preset(preset)
+    reg = NMTuneRegularizer(cfg)
+    zr = z.clone().requires_grad_(True)
+    val = reg(zr, f)
+    (grad,) = torch.autograd.grad(val, zr)
+
+    def reference(t):
+        mse = ref.consistency(t, f) / (t.shape[-1] if cfg.consistency == "element" else 1)
+        return cfg.lambda_ * (
+            cfg.mse_weight * mse + cfg.cov_weight * ref.covariance(t) + cfg.svd_weight * ref.ratio(t, cfg.top_k)
+        )
+
+    zr2 = z.clone().requires_grad_(True)
+    rval = reference(zr2)
+    (rgrad,) = torch.autograd.grad(rval, zr2)
+    torch.testing.assert_close(val, rval)
+    torch.testing.assert_close(grad, rgrad)
+
+
+def test_loss_is_task_plus_regularizer_and_components_are_detached():
+    z, f = _zf()
+    logits = torch.randn(32, 5, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 5, (32,))
+    crit = NMTuneLoss()
+    total = crit(logits, y, z, f)
+    expected = nn.functional.cross_entropy(logits, y) + ref.regularizer(z, f)
+    torch.testing.assert_close(total, expected)
+
+    parts = crit(logits, y, z, f, return_components=True)
+    assert isinstance(parts, LossComponents)
+    torch.testing.assert_close(parts.loss, total)
+    assert parts.loss.requires_grad
+    for field in dataclasses.fields(parts):
+        if field.name != "loss":
+            value = getattr(parts, field.name)
+            assert not value.requires_grad and value.dim() == 0, field.name
+    torch.testing.assert_close(parts.consistency.double(), ref.consistency(z, f), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(parts.covariance.double(), ref.covariance(z), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(parts.singular_value.double(), ref.ratio(z), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(parts.sve.double(), ref.sve(z), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(parts.lsvr.double(), ref.lsvr(z), rtol=1e-5, atol=1e-6)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        parts.task = torch.zeros(())  # type: ignore[misc]
+
+
+def test_components_report_metrics_even_when_spectrum_term_is_off():
+    z, f = _zf()
+    parts = NMTuneRegularizer(svd_weight=0.0)(z, f, return_components=True)
+    assert float(parts.singular_value) == 0.0
+    torch.testing.assert_close(parts.sve.double(), ref.sve(z), rtol=1e-5, atol=1e-6)
+
+
+def test_disabled_terms_keep_graph_connected():
+    head = NMTuneHead(8, 3)
+    x = torch.randn(16, 8)
+    out = head(x)
+    reg = NMTuneRegularizer("none")(out.features, x)
+    assert float(reg) == 0.0 and reg.requires_grad
+    reg.backward()
+    assert all(p.grad is not None for p in head.mlp.parameters())
+
+
+def test_custom_task_loss_and_leading_dims():
+    z = torch.randn(3, 16, 8)  # e.g. three layers' features
+    f = torch.randn(3, 16, 8)
+    mse = nn.MSELoss()
+    pred, target = torch.randn(16, 1), torch.randn(16, 1)
+    crit = NMTuneLoss(task_loss=mse, top_k=2)
+    val = crit(pred, target, z, f)
+    expected = mse(pred, target) + 0.01 * (
+        ref.consistency(z, f) + ref.covariance(z).mean() + ref.ratio(z, 2).mean()
+    )
+    torch.testing.assert_close(val.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_regularizer_errors():
+    reg = NMTuneRegularizer()
+    with pytest.raises(ValueError, match="needs the reference features f"):
+        reg(torch.randn(8, 4))
+    assert torch.isfinite(NMTuneRegularizer(mse_weight=0.0)(torch.randn(8, 4)))
+    with pytest.raises(ValueError, match=r"z \(8, 4\) and f \(8, 5\)"):
+        reg(torch.randn(8, 4), torch.randn(8, 5))
+    with pytest.raises(ValueError, match=r"1 row\(s\)"):
+        reg(torch.randn(1, 4), torch.randn(1, 4))
+    with pytest.raises(ValueError, match=r"top_k.*\[1, 3\].*got 5"):
+        NMTuneRegularizer("official")(torch.randn(8, 3), torch.randn(8, 3))
+    bad = torch.randn(8, 4)
+    bad[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="Inf"):
+        reg(bad, torch.randn(8, 4))
+    with pytest.raises(ValueError, match="scalar"):
+        NMTuneLoss(task_loss=lambda a, b: (a - b) ** 2)(torch.randn(8, 1), torch.randn(8, 1), *_zf(8, 4))
+    with pytest.raises(TypeError, match="callable"):
+        NMTuneLoss(task_loss="ce")
+    with pytest.raises(ValueError, match="gather_distributed"):
+        # the option needs an initialised process group
+        NMTuneRegularizer(gather_distributed=True)(torch.randn(8, 4), torch.randn(8, 4))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_loss(dtype):
+    head = NMTuneHead(16, 4).to(dtype)
+    x = torch.randn(32, 16).to(dtype)
+    y = torch.randint(0, 4, (32,))
+    out = head(x)
+    loss = NMTuneLoss()(out.logits.float(), y, out.features, x)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad.float()).all() for p in head.parameters())
+
+
+def test_regularizer_compiles_fullgraph():
+    reg = NMTuneRegularizer()  # check_finite is skipped while tracing
+    compiled = torch.compile(reg, fullgraph=True, backend="aot_eager")
+    z, f = _zf(m=16, d=24, dtype=torch.float32)
+    z.requires_grad_(True)
+    out = compiled(z, f)
+    (g,) = torch.autograd.grad(out, z)
+    z2 = z.detach().clone().requires_grad_(True)
+    eager = reg(z2, f)
+    (g2,) = torch.autograd.grad(eager, z2)
+    torch.testing.assert_close(out, eager)
+    torch.testing.assert_close(g, g2)
