@@ -7,11 +7,15 @@ Public API (re-exports only; see the submodules for details):
 * :class:`NMTuneHead`, :class:`HeadOutput` -- the black-box head (``nmtune.head``);
 * :func:`fit`, :func:`evaluate`, :func:`extract_features`,
   :class:`TuningConfig`, :class:`FitResult` -- black-box tuning (``nmtune.tuning``);
+* :func:`wrap_lora`, :func:`load_lora`, :class:`NMTuneLoraModel` -- NMTune on PEFT
+  LoRA models (``nmtune.lora``; needs ``nmtune[lora]``); the transformers
+  ``Trainer`` integration lives in ``nmtune.integrations``;
 * :mod:`nmtune.functional` -- every term and metric as a pure function.
 """
 
 from nmtune import functional
 from nmtune.head import HeadOutput, NMTuneHead
+from nmtune.lora import NMTuneLoraModel, NMTuneLoraOutput, load_lora, wrap_lora
 from nmtune.loss import PRESETS, LossComponents, NMTuneConfig, NMTuneLoss, NMTuneRegularizer
 from nmtune.tuning import FitResult, TuningConfig, evaluate, extract_features, fit
 
@@ -30,6 +34,10 @@ __all__ = [
     "extract_features",
     "TuningConfig",
     "FitResult",
+    "wrap_lora",
+    "load_lora",
+    "NMTuneLoraModel",
+    "NMTuneLoraOutput",
     "functional",
     "__version__",
 ]

@@ -80,14 +80,22 @@ def validate_features(z: object, name: str = "z", *, min_rows: int = 2) -> Tenso
     return z
 
 
-def validate_finite(x: Tensor, name: str = "z") -> None:
-    """Raise ``ValueError`` if ``x`` holds NaN or Inf.
+def validate_finite(x: Tensor, name: str = "z", *, also: Tensor | None = None, also_name: str = "f") -> None:
+    """Raise ``ValueError`` if ``x`` (or ``also``) holds NaN or Inf.
 
     This is the only value-dependent check in nmtune and costs one host
-    synchronisation; it is skipped while ``torch.compile`` traces.
+    synchronisation (one for both tensors); it is skipped while
+    ``torch.compile`` traces.
     """
     if torch.compiler.is_compiling():
         return
+    ok = torch.isfinite(x).all()
+    if also is not None:
+        ok = ok & torch.isfinite(also).all()
+    if bool(ok):
+        return
+    if also is not None and bool(torch.isfinite(x).all()):
+        x, name = also, also_name
     if not bool(torch.isfinite(x).all()):
         n_nan = int(torch.isnan(x).sum())
         n_inf = int(torch.isinf(x).sum())

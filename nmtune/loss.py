@@ -218,10 +218,8 @@ class NMTuneRegularizer(nn.Module):
                 raise ValueError(f"z and f must have the same shape; got z {tuple(z.shape)} and f {tuple(f.shape)}")
         if cfg.uses_spectrum:
             NF.validate_top_k(cfg.top_k, z.shape)
-        if cfg.check_finite:
-            NF.validate_finite(z, "z")
-            if cfg.uses_consistency:
-                NF.validate_finite(f, "f")  # type: ignore[arg-type]
+        if cfg.check_finite:  # one host sync for both tensors
+            NF.validate_finite(z, "z", also=f if cfg.uses_consistency else None, also_name="f")
 
         zero = z.sum() * 0  # keeps every parameter behind z in the graph (DDP)
         zs = z
