@@ -50,7 +50,7 @@ import torch  # noqa: E402
 
 import nmtune  # noqa: E402
 import nmtune.functional as NF  # noqa: E402
-from nmtune import NMTuneConfig, NMTuneHead, NMTuneLoss, TuningConfig, evaluate, fit  # noqa: E402
+from nmtune import NMTuneConfig, NMTuneHead, TuningConfig, evaluate, fit  # noqa: E402
 
 from _encoders import (  # noqa: E402
     SentenceTransformerEncoder,
@@ -138,40 +138,15 @@ def _spectrum(z: torch.Tensor) -> dict[str, float]:
     return {"sve": float(m["sve"]), "lsvr": float(m["lsvr"])}
 
 
+def _mse_on_single_logit(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.mse_loss(out.squeeze(-1), target)
+
+
 def _fit_regression(x: torch.Tensor, y: torch.Tensor, method: str, config: TuningConfig,
                     loss_config: NMTuneConfig) -> NMTuneHead:
-    """STS-B: a one-logit head trained with MSE as NMTuneLoss's task loss (``fit`` takes class ids only)."""
-    torch.manual_seed(config.seed)
-    preset = "linear" if method == "lp" else config.head_preset
-    head = NMTuneHead.from_preset(preset, x.shape[1], 1, **config.head_kwargs)
-    cfg = loss_config if method == "nmtune" else NMTuneConfig.from_preset("none")
-    criterion = NMTuneLoss(cfg.replace(check_finite=False),
-                           task_loss=lambda out, t: torch.nn.functional.mse_loss(out.squeeze(-1), t))
-    lr, wd = config.resolved(method)
-    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=wd)
-    gen = torch.Generator().manual_seed(config.seed)
-    n, bs = x.shape[0], config.batch_size
-    steps = config.epochs * max(1, math.ceil(n / bs))
-
-    def factor(step: int) -> float:
-        t = min(step, steps) / steps
-        if config.schedule == "linear":
-            return 1.0 - t
-        return 0.5 * (1.0 + math.cos(math.pi * t)) if config.schedule == "cosine" else 1.0
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-    head.train()
-    for _ in range(config.epochs):
-        for idx in torch.randperm(n, generator=gen).split(bs):
-            if idx.numel() < 2:
-                continue
-            out = head(x[idx])
-            loss = criterion(out.logits, y[idx], out.features, x[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-    return head.eval()
+    """STS-B: a one-logit head trained with MSE as NMTuneLoss's task loss."""
+    return fit(x, y, method, num_classes=1, config=config, loss_config=loss_config,
+               task_loss=_mse_on_single_logit).head
 
 
 def _score_split(head: NMTuneHead, task: TextTask, x: torch.Tensor, y: np.ndarray) -> dict[str, float]:

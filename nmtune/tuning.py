@@ -124,11 +124,16 @@ def _check_method(method: str) -> str:
     return method
 
 
-def _check_xy(features: Tensor, labels: Tensor, name: str = "features") -> None:
+def _check_xy(features: Tensor, labels: Tensor, name: str = "features", *, targets: bool = False) -> None:
+    """Validate features ``(N, D)`` and labels ``(N,)`` (``targets``: any tensor with N rows)."""
     if not isinstance(features, Tensor) or not features.is_floating_point() or features.dim() != 2:
         got = f"{features.dtype} {tuple(features.shape)}" if isinstance(features, Tensor) else type(features).__name__
         raise ValueError(f"{name} must be a floating-point tensor of shape (N, D); got {got}")
-    if not isinstance(labels, Tensor) or labels.dim() != 1 or labels.dtype.is_floating_point:
+    if targets:
+        if not isinstance(labels, Tensor) or labels.dim() < 1:
+            got = f"{labels.dtype} {tuple(labels.shape)}" if isinstance(labels, Tensor) else type(labels).__name__
+            raise ValueError(f"targets must be a tensor with one row per sample (N, ...); got {got}")
+    elif not isinstance(labels, Tensor) or labels.dim() != 1 or labels.dtype.is_floating_point:
         got = f"{labels.dtype} {tuple(labels.shape)}" if isinstance(labels, Tensor) else type(labels).__name__
         raise ValueError(f"labels must be an integer tensor of shape (N,); got {got}")
     if labels.shape[0] != features.shape[0]:
@@ -178,6 +183,7 @@ def fit(
     progress: bool = False,
     checkpoint_dir: str | os.PathLike[str] | None = None,
     device: str | torch.device | None = None,
+    task_loss: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> FitResult:
     """Train a head on cached frozen features with LP, MLP tuning or NMTune.
 
@@ -195,6 +201,10 @@ def fit(
         checkpoint_dir: Save state after every epoch there and resume from
             it when called again with the same arguments.
         device: Where to train (default: the features' device).
+        task_loss: ``callable(logits, targets) -> scalar`` replacing
+            cross-entropy (e.g. MSE for a regression task such as STS-B).
+            With it, ``labels`` may be any tensor with ``N`` rows (float
+            targets included) and ``num_classes`` is the head's output width.
 
     Returns:
         A :class:`FitResult` with the trained head in eval mode.
@@ -206,12 +216,14 @@ def fit(
         True
     """
     _check_method(method)
-    _check_xy(features, labels)
+    _check_xy(features, labels, targets=task_loss is not None)
     config = config or TuningConfig()
     NF.validate_finite(features, "features")
     device = torch.device(device) if device is not None else features.device
+    if task_loss is not None and num_classes is None:
+        raise ValueError("with a custom task_loss, pass num_classes (the head's output width)")
     n_classes = int(num_classes) if num_classes is not None else int(labels.max()) + 1
-    if int(labels.min()) < 0 or int(labels.max()) >= n_classes:
+    if task_loss is None and (int(labels.min()) < 0 or int(labels.max()) >= n_classes):
         raise ValueError(
             f"labels must lie in [0, num_classes={n_classes}); got range [{int(labels.min())}, {int(labels.max())}]"
         )
@@ -235,7 +247,7 @@ def fit(
             f"the data has D={features.shape[1]} and {n_classes} classes"
         )
     head = head.to(device)
-    criterion = NMTuneLoss(loss_cfg).to(device)
+    criterion = NMTuneLoss(loss_cfg, task_loss=task_loss).to(device)
     lr, wd = config.resolved(method)
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=wd)
     n = features.shape[0]
@@ -249,7 +261,10 @@ def fit(
 
     ckpt_path: Path | None = None
     signature = json.dumps(
-        dict(method=method, config=config.to_dict(), loss=loss_cfg.to_dict(), n=n, d=features.shape[1], c=n_classes),
+        dict(
+            method=method, config=config.to_dict(), loss=loss_cfg.to_dict(), n=n, d=features.shape[1], c=n_classes,
+            task_loss=None if task_loss is None else getattr(task_loss, "__qualname__", type(task_loss).__name__),
+        ),
         sort_keys=True,
     )
     if checkpoint_dir is not None:

@@ -177,3 +177,21 @@ def test_extract_features_runs_backbone_once_per_batch():
     assert calls["n"] == 3 and not feats.requires_grad
     with pytest.raises(ValueError, match=r"\(inputs, labels\)"):
         extract_features(backbone, [torch.randn(2, 12)])
+
+
+def test_fit_with_custom_task_loss_regression():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 8, generator=g)
+    w = torch.randn(8, generator=g)
+    y = x @ w  # float targets
+
+    def mse(out, target):
+        return nn.functional.mse_loss(out.squeeze(-1), target)
+
+    with pytest.raises(ValueError, match="pass num_classes"):
+        fit(x, y, "mlp", task_loss=mse)
+    res = fit(x, y, "nmtune", num_classes=1, task_loss=mse, config=TuningConfig(epochs=20, batch_size=32, lr=1e-2))
+    pred = res.head(x).logits.squeeze(-1).detach()
+    r2 = 1 - ((pred - y) ** 2).mean() / y.var()
+    assert r2 > 0.9, float(r2)
+    assert res.history[-1]["loss"] < res.history[0]["loss"]
