@@ -10,12 +10,16 @@ Public API (re-exports only; see the submodules for details):
 * :func:`wrap_lora`, :func:`load_lora`, :class:`NMTuneLoraModel` -- NMTune on PEFT
   LoRA models (``nmtune.lora``; needs ``nmtune[lora]``); the transformers
   ``Trainer`` integration lives in ``nmtune.integrations``;
+* :func:`symmetric_noise`, :func:`asymmetric_noise`, :func:`pair_flip_noise`,
+  :func:`swap_pairs` -- seeded label-noise injection (``nmtune.noise``);
+* :mod:`nmtune.analysis` -- spectra, SVE/LSVR summaries, claim checks, plots;
 * :mod:`nmtune.functional` -- every term and metric as a pure function.
 """
 
-from nmtune import functional
+from nmtune import analysis, functional, noise
 from nmtune.head import HeadOutput, NMTuneHead
 from nmtune.lora import NMTuneLoraModel, NMTuneLoraOutput, load_lora, wrap_lora
+from nmtune.noise import NoisyLabels, asymmetric_noise, pair_flip_noise, swap_pairs, symmetric_noise
 from nmtune.loss import PRESETS, LossComponents, NMTuneConfig, NMTuneLoss, NMTuneRegularizer
 from nmtune.tuning import FitResult, TuningConfig, evaluate, extract_features, fit
 
@@ -38,6 +42,13 @@ __all__ = [
     "load_lora",
     "NMTuneLoraModel",
     "NMTuneLoraOutput",
+    "symmetric_noise",
+    "asymmetric_noise",
+    "pair_flip_noise",
+    "swap_pairs",
+    "NoisyLabels",
     "functional",
+    "noise",
+    "analysis",
     "__version__",
 ]

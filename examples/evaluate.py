@@ -1,0 +1,379 @@
+"""Downstream protocol on frozen features: LP, MLP tuning and NMTune (+ LoRA rows).
+
+For one pre-trained backbone, features of every task's train and test sets are
+computed once and cached; heads are then tuned on the cache with ``nmtune.fit``
+(the paper's vision recipe: AdamW, 30 epochs, cosine; LP lr 0.1, MLP/NMTune lr 1e-3
+wd 1e-4) for several seeds and downstream data fractions, and scored with
+``nmtune.evaluate`` (accuracy, macro-F1, SVE, LSVR). In-domain tasks train on their
+train split and test on their test split; out-of-domain tasks train on one domain
+and test on each of the others.
+
+Offline default (the glyph/digit tasks of ``_vision_data``)::
+
+    python examples/evaluate.py --backbone runs/reproduce/pretrain/g05/model.pt \\
+        --out runs/eval/g05
+
+Paper scale (a timm model by name, real datasets by path)::
+
+    python examples/evaluate.py --arch resnet50 --backbone /ckpt/resnet50_noise5.pth \\
+        --task cifar100:/data/cifar --task folder:/data/dtd \\
+        --task domains:/data/domainnet:real --task domains:/data/domainnet:sketch \\
+        --fractions 0.1 0.25 0.5 0.75 1.0 --seeds 0 1 2 --out runs/eval/rn50_g05
+
+LoRA and LoRA+NMTune rows (``--lora``) fine-tune the backbone end to end through
+``nmtune.lora.wrap_lora`` (LoRA on the backbone; the NMTune COV and SVD terms on the
+adapted features) and are off by default (slow on a CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pathlib
+import sys
+import time
+from typing import Any, Sequence
+
+import torch
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+import _vision_data as vd  # noqa: E402
+import pretrain as pt  # noqa: E402
+
+from nmtune import NMTuneConfig, TuningConfig, evaluate, extract_features, fit  # noqa: E402
+from nmtune.analysis import mean_std, spectrum_summary, summarize_records  # noqa: E402
+
+__all__ = [
+    "task_features",
+    "subsample",
+    "tune_and_score",
+    "backbone_metrics",
+    "run_evaluation",
+    "results_markdown",
+    "main",
+]
+
+METHODS = ("lp", "mlp", "nmtune")
+
+
+def _loader(ds, batch_size: int, workers: int = 0):
+    src = pt._tensor_source(ds)
+    if src is not None:
+        return pt._TensorBatches(ds, batch_size, None)
+    return DataLoader(ds, batch_size=batch_size, num_workers=workers)
+
+
+def task_features(
+    model: torch.nn.Module,
+    task: vd.ImageTask,
+    cache_file: str | os.PathLike | None,
+    *,
+    batch_size: int = 256,
+    device: str | torch.device | None = None,
+    workers: int = 0,
+) -> dict[str, Any]:
+    """Frozen penultimate features of ``task``'s train set and every test set, cached in
+    ``cache_file`` (computed once per backbone and task).
+
+    Returns:
+        ``{"train": (F, y), "tests": {domain: (F, y)}, "num_classes": int, "kind": str}``.
+    """
+    if cache_file is not None and pathlib.Path(cache_file).exists():
+        return torch.load(cache_file, weights_only=False)
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = model.to(device).eval()
+
+    def run(ds):
+        return extract_features(model, _loader(ds, batch_size, workers), device=device, forward=pt.backbone_features)
+
+    out = {"train": run(task.train), "tests": {k: run(v) for k, v in task.tests.items()},
+           "num_classes": task.num_classes, "kind": task.kind, "name": task.name}
+    if cache_file is not None:
+        pathlib.Path(cache_file).parent.mkdir(parents=True, exist_ok=True)
+        pt._atomic_save(out, pathlib.Path(cache_file))
+    return out
+
+
+def subsample(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
+    """Stratified subset of indices holding ``fraction`` of each class (at least one).
+
+    Example:
+        >>> len(subsample(torch.arange(100) % 4, 0.2, 0))
+        20
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+    if fraction == 1.0:
+        return torch.arange(len(labels))
+    g = torch.Generator().manual_seed(seed)
+    keep = []
+    for c in torch.unique(labels):
+        idx = torch.nonzero(labels == c).flatten()
+        k = max(1, int(round(fraction * len(idx))))
+        keep.append(idx[torch.randperm(len(idx), generator=g)[:k]])
+    return torch.sort(torch.cat(keep)).values
+
+
+def tune_and_score(
+    feats: dict[str, Any],
+    *,
+    gamma: float,
+    methods: Sequence[str] = METHODS,
+    seeds: Sequence[int] = (0, 1, 2),
+    fractions: Sequence[float] = (1.0,),
+    epochs: int = 30,
+    loss_config: NMTuneConfig | str = "paper",
+    spectra: dict[str, list[float]] | None = None,
+    batch_size: int = 256,
+) -> list[dict[str, Any]]:
+    """Tune each method on cached features for every seed and data fraction; one record
+    per (method, seed, fraction, test domain). With ``spectra`` given, the singular
+    values of the tuned features ``Z`` on the first test set (seed 0, full data) are
+    stored there under the method's name."""
+    (x, y), k = feats["train"], feats["num_classes"]
+    records = []
+    for frac in fractions:
+        for seed in seeds:
+            idx = subsample(y, frac, seed)
+            for method in methods:
+                cfg = TuningConfig.recipe("vision", method, epochs=epochs, seed=seed, batch_size=batch_size)
+                res = fit(x[idx], y[idx], method, num_classes=k, config=cfg,
+                          loss_config=loss_config if method == "nmtune" else None)
+                for dom, (xt, yt) in feats["tests"].items():
+                    m = evaluate(res.head, xt, yt, normalize_rows=True)
+                    records.append(dict(gamma=gamma, method=method, kind=feats["kind"], task=feats["name"],
+                                        domain=dom, seed=seed, fraction=frac, **{
+                                            key: m[key] for key in ("accuracy", "macro_f1", "sve", "lsvr")}))
+                    if spectra is not None and seed == seeds[0] and frac == max(fractions) and method not in spectra:
+                        with torch.no_grad():
+                            z = res.head(xt).features
+                        spectra[method] = spectrum_summary_values(z)
+    return records
+
+
+def spectrum_summary_values(z: torch.Tensor) -> list[float]:
+    from nmtune.analysis import feature_spectrum
+
+    return feature_spectrum(z.float(), normalize_rows=True).tolist()
+
+
+def backbone_metrics(all_feats: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """SVE of the frozen features on ID test sets and LSVR on OOD target domains (Figure 3):
+    per task and averaged (rows L2-normalised, the authors' convention)."""
+    per: dict[str, dict[str, float]] = {}
+    id_sve, ood_lsvr = [], []
+    for f in all_feats:
+        for dom, (xt, _) in f["tests"].items():
+            s = spectrum_summary(xt)
+            per[f"{f['name']}/{dom}"] = s
+            (id_sve if f["kind"] == "id" else ood_lsvr).append(s["sve" if f["kind"] == "id" else "lsvr"])
+    out: dict[str, Any] = {"per_test_set": per}
+    if id_sve:
+        out["id_sve"] = sum(id_sve) / len(id_sve)
+    if ood_lsvr:
+        out["ood_lsvr"] = sum(ood_lsvr) / len(ood_lsvr)
+    return out
+
+
+def _lora_records(backbone_path: str, tasks: Sequence[vd.ImageTask], gamma: float, *, epochs: int, seeds,
+                  batch_size: int = 128) -> list[dict[str, Any]]:
+    """LoRA and LoRA+NMTune rows: end-to-end tuning of the backbone's LoRA adapters."""
+    try:
+        from nmtune.lora import wrap_lora
+    except ImportError as err:  # pragma: no cover - depends on the checkout
+        raise ModuleNotFoundError(f"--lora needs nmtune.lora.wrap_lora ({err}); pip install \"nmtune[lora]\"") from err
+    from nmtune import NMTuneRegularizer
+
+    records = []
+    for task in tasks:
+        for seed in seeds:
+            for method in ("lora", "lora+nmtune"):
+                torch.manual_seed(seed)
+                model = pt.load_backbone(backbone_path)
+                wrapped = wrap_lora(model, r=8, num_classes=task.num_classes)
+                reg = NMTuneRegularizer("official", mse_weight=0.0) if method == "lora+nmtune" else None
+                params = [p for p in wrapped.parameters() if p.requires_grad]
+                opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-4)
+                g = torch.Generator().manual_seed(seed)
+                src = pt._tensor_source(task.train)
+                train_iter = (lambda: pt._TensorBatches(task.train, batch_size, g)) if src is not None else (
+                    lambda: DataLoader(task.train, batch_size=batch_size, shuffle=True, generator=g))
+                for _ in range(epochs):
+                    wrapped.train()
+                    for xb, yb in train_iter():
+                        out = wrapped(xb)
+                        loss = torch.nn.functional.cross_entropy(out.logits, yb)
+                        if reg is not None:
+                            loss = loss + reg(out.features, out.reference)
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                        opt.step()
+                wrapped.eval()
+                for dom, ds in task.tests.items():
+                    logits, zs, ys = [], [], []
+                    with torch.no_grad():
+                        for xb, yb in _loader(ds, 512):
+                            out = wrapped(xb)
+                            logits.append(out.logits)
+                            zs.append(out.features)
+                            ys.append(torch.as_tensor(yb))
+                    head = _FixedOutputs(torch.cat(logits), torch.cat(zs))
+                    yt = torch.cat(ys)
+                    m = evaluate(head, torch.arange(len(yt), dtype=torch.float32)[:, None], yt, normalize_rows=True)
+                    records.append(dict(gamma=gamma, method=method, kind=task.kind, task=task.name, domain=dom,
+                                        seed=seed, fraction=1.0, **{k: m[k] for k in ("accuracy", "macro_f1", "sve", "lsvr")}))
+    return records
+
+
+class _FixedOutputs(torch.nn.Module):
+    """Replays precomputed ``(logits, features)`` so ``nmtune.evaluate`` scores them."""
+
+    def __init__(self, logits: torch.Tensor, features: torch.Tensor) -> None:
+        super().__init__()
+        self.logits, self.z = logits, features
+        self.dummy = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, idx: torch.Tensor):
+        i = idx[:, 0].long()
+        return self.logits[i], self.z[i]
+
+
+def run_evaluation(
+    backbone_path: str | os.PathLike,
+    tasks: Sequence[vd.ImageTask],
+    out_dir: str | os.PathLike,
+    *,
+    gamma: float,
+    methods: Sequence[str] = METHODS,
+    seeds: Sequence[int] = (0, 1, 2),
+    fractions: Sequence[float] = (1.0,),
+    epochs: int = 30,
+    loss_config: NMTuneConfig | str = "paper",
+    lora: bool = False,
+    lora_epochs: int = 3,
+    feature_cache: str | os.PathLike | None = None,
+    batch_size: int = 256,
+    arch: str | None = None,
+    tune_batch_size: int = 256,
+    workers: int = 0,
+) -> dict[str, Any]:
+    """Evaluate one backbone on ``tasks``; writes ``results.json`` and ``table.md`` in
+    ``out_dir`` and returns the results (skipped when ``results.json`` already holds
+    the same settings)."""
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = dict(gamma=gamma, methods=list(methods), seeds=list(seeds), fractions=list(fractions), epochs=epochs,
+                    loss_config=loss_config if isinstance(loss_config, str) else loss_config.to_dict(), lora=lora,
+                    tasks=[t.name for t in tasks], tune_batch_size=tune_batch_size)
+    res_file = out / "results.json"
+    if res_file.exists():
+        prev = json.loads(res_file.read_text())
+        if prev.get("settings") == settings:
+            return prev
+    t0 = time.time()
+    cache = pathlib.Path(feature_cache) if feature_cache is not None else out / "features"
+    model = pt.load_backbone(backbone_path, arch=arch)
+    feats = [task_features(model, t, cache / f"{t.name}.pt", batch_size=batch_size, workers=workers) for t in tasks]
+    t_feat = time.time() - t0
+    records, spectra = [], {}
+    for f in feats:
+        sp: dict[str, list[float]] = {}
+        records += tune_and_score(f, gamma=gamma, methods=methods, seeds=seeds, fractions=fractions, epochs=epochs,
+                                  loss_config=loss_config, spectra=sp, batch_size=tune_batch_size)
+        sp["backbone"] = spectrum_summary_values(next(iter(f["tests"].values()))[0])
+        spectra[f["name"]] = sp
+    if lora:
+        records += _lora_records(str(backbone_path), tasks, gamma, epochs=lora_epochs, seeds=seeds)
+    bm = backbone_metrics(feats)
+    # per-task points (backbone metric, LP accuracy at full data) for the Figure 3 scatter
+    points: dict[str, list] = {"id_points": [], "ood_points": []}
+    for f in feats:
+        for dom in f["tests"]:
+            accs = [r["accuracy"] for r in records if r["task"] == f["name"] and r["domain"] == dom
+                    and r["method"] == "lp" and r["fraction"] == max(fractions)]
+            if accs:
+                key = "sve" if f["kind"] == "id" else "lsvr"
+                points[f"{f['kind']}_points"].append((bm["per_test_set"][f"{f['name']}/{dom}"][key], sum(accs) / len(accs)))
+    bm.update(points)
+    result = {"settings": settings, "records": records, "backbone": bm, "spectra": spectra,
+              "seconds": {"features": t_feat, "total": time.time() - t0}}
+    (out / "table.md").write_text(results_markdown(records, title=f"noise {100 * gamma:g}%"))
+    tmp = res_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, res_file)
+    return result
+
+
+def results_markdown(records: Sequence[dict[str, Any]], *, title: str = "") -> str:
+    """Per-task and averaged table (mean ± std over seeds, full data fraction)."""
+    full = max(float(r["fraction"]) for r in records)
+    lines = [f"### {title}" if title else "", "",
+             "| method | task | test set | accuracy (%) | macro-F1 (%) | SVE | LSVR |", "|---|---|---|---|---|---|---|"]
+    groups: dict[tuple, list] = {}
+    for r in records:
+        if math.isclose(float(r["fraction"]), full):
+            groups.setdefault((r["method"], r["task"], r["domain"]), []).append(r)
+    for (m, t, d), rows in sorted(groups.items()):
+        cells = []
+        for key, scale in (("accuracy", 100), ("macro_f1", 100), ("sve", 1), ("lsvr", 1)):
+            mu, sd = mean_std(scale * r[key] for r in rows)
+            cells.append(f"{mu:.2f} ± {sd:.2f}" if scale == 100 else f"{mu:.3f} ± {sd:.3f}")
+        lines.append(f"| {m} | {t} | {d} | " + " | ".join(cells) + " |")
+    summ = summarize_records(records, fraction=full)
+    lines += ["", "| method | ID acc | ID F1 | OOD acc | OOD F1 |", "|---|---|---|---|---|"]
+    for m, by_g in summ.items():
+        for _g, kinds in by_g.items():
+            cells = []
+            for kind in ("id", "ood"):
+                for key in ("accuracy", "macro_f1"):
+                    mu, sd = kinds.get(kind, {}).get(key, (float("nan"), float("nan")))
+                    cells.append(f"{100 * mu:.2f} ± {100 * sd:.2f}")
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backbone", required=True, help="model.pt written by pretrain.py")
+    p.add_argument("--out", required=True)
+    p.add_argument("--arch", default=None, help="timm name when --backbone is a plain timm checkpoint or 'hub'")
+    p.add_argument("--gamma", type=float, default=None, help="noise ratio of the backbone (default: from model.pt)")
+    p.add_argument("--task", action="append", default=[],
+                   help="task spec (cifar10:ROOT, folder:ROOT, domains:ROOT:SOURCE, variants:TRAIN:V1,V2); "
+                        "default: the offline tasks")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--download", action="store_true")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--fractions", nargs="+", type=float, default=[1.0])
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--tune-batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=256, help="feature-extraction batch size")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers for feature extraction")
+    p.add_argument("--loss-preset", default="paper")
+    p.add_argument("--lora", action="store_true")
+    p.add_argument("--lora-epochs", type=int, default=3)
+    p.add_argument("--tiny", action="store_true")
+    a = p.parse_args(argv)
+    tasks = ([vd.parse_task_spec(s, image_size=a.image_size, download=a.download) for s in a.task]
+             if a.task else vd.offline_tasks(tiny=a.tiny))
+    if a.gamma is not None:
+        gamma = a.gamma
+    elif a.arch is not None:
+        raise ValueError("--arch checkpoints carry no noise ratio; pass --gamma")
+    else:
+        gamma = float(torch.load(a.backbone, weights_only=False).get("noise", 0.0))
+    res = run_evaluation(a.backbone, tasks, a.out, gamma=gamma, methods=a.methods, seeds=a.seeds,
+                         fractions=a.fractions, epochs=a.epochs, loss_config=a.loss_preset, lora=a.lora,
+                         lora_epochs=a.lora_epochs, arch=a.arch,
+                         tune_batch_size=a.tune_batch_size, batch_size=a.batch_size, workers=a.workers)
+    print((pathlib.Path(a.out) / "table.md").read_text())
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+"""The vision study examples at a tiny size: resume, real-data loaders, the whole pipeline."""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import pickle
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
+sys.path.insert(0, str(EXAMPLES))
+
+import _vision_data as vd  # noqa: E402
+import evaluate as ev  # noqa: E402
+import pretrain as pt  # noqa: E402
+import reproduce_paper as rp  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The examples default to one torch thread (see reproduce_paper --threads); keep the
+    tests on the same setting so a busy CI box does not oversubscribe."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_data():
+    return vd.offline_pretrain_data(tiny=True)
+
+
+def test_pretrain_resume_is_bit_identical(tmp_path, tiny_data):
+    cfg = pt.PretrainConfig(noise=0.2, epochs=2, batch_size=16)
+    full = pt.pretrain(tiny_data, tmp_path / "full", cfg, progress=False)
+    part = pt.pretrain(tiny_data, tmp_path / "cut", cfg, progress=False, stop_after=1)
+    assert part["epochs_done"] == 1 and not part["finished"]
+    assert not (tmp_path / "cut" / "model.pt").exists()
+    torch.manual_seed(12345)  # the resumed run must not depend on the process's RNG state
+    resumed = pt.pretrain(tiny_data, tmp_path / "cut", cfg, progress=False)
+    assert resumed["finished"] and full["finished"]
+    a = torch.load(tmp_path / "full" / "model.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "cut" / "model.pt", weights_only=False)["model"]
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [h["train_loss"] for h in full["history"]] == [h["train_loss"] for h in resumed["history"]]
+    noisy = torch.load(tmp_path / "full" / "noisy_labels.pt", weights_only=False)
+    assert int(noisy["mask"].sum()) == round(0.2 * len(tiny_data.labels)) == full["num_noisy"]
+    with pytest.raises(ValueError, match="config"):
+        pt.pretrain(tiny_data, tmp_path / "cut", pt.PretrainConfig(noise=0.3, epochs=2, batch_size=16),
+                    progress=False)
+
+
+@pytest.mark.distributed
+def test_pretrain_ddp_two_gloo_ranks(tmp_path):
+    """The DDP path of pretrain.py under torchrun (2 CPU ranks, gloo), tiny size."""
+    import os
+    import subprocess
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(EXAMPLES / "pretrain.py"), "--tiny", "--epochs", "1", "--batch-size", "8", "--noise", "0.1",
+           "--out", str(tmp_path / "ddp")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert metrics["finished"] and metrics["num_noisy"] == 12
+    state = torch.load(tmp_path / "ddp" / "model.pt", weights_only=False)
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_pretrain_config_validation():
+    with pytest.raises(ValueError, match="noise"):
+        pt.PretrainConfig(noise=1.5)
+    with pytest.raises(ValueError, match="amp"):
+        pt.PretrainConfig(amp="fp8")
+
+
+# ----------------------------------------------------------------------------- real-data loaders
+
+
+def _png(path: pathlib.Path, value: int) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(value)
+    Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(path)
+
+
+def _folder_tree(root: pathlib.Path, splits, classes, per=2):
+    for s in splits:
+        for i, c in enumerate(classes):
+            for j in range(per):
+                _png(root / s / c / f"{j}.png", 10 * i + j)
+
+
+def _cifar(root: pathlib.Path, name: str, n: int = 6) -> None:
+    rng = np.random.default_rng(0)
+    if name == "cifar10":
+        folder, files, key = root / "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"], b"labels"
+    else:
+        folder, files, key = root / "cifar-100-python", ["train", "test"], b"fine_labels"
+    folder.mkdir(parents=True)
+    for f in files:
+        entry = {b"data": rng.integers(0, 255, (n, 3072), dtype=np.uint8), key: list(range(n))}
+        with open(folder / f, "wb") as fh:
+            pickle.dump(entry, fh)
+
+
+def test_real_loaders_on_tiny_files(tmp_path):
+    for name in ("cifar10", "cifar100"):
+        _cifar(tmp_path / name, name)
+        task = vd.parse_task_spec(f"{name}:{tmp_path / name}", image_size=16)
+        x, y = task.train[3]
+        assert tuple(x.shape) == (3, 16, 16) and y == 3
+        assert len(task.train) == (30 if name == "cifar10" else 6) and len(task.tests["test"]) == 6
+        assert task.num_classes == (10 if name == "cifar10" else 100)
+    with pytest.raises(FileNotFoundError, match="download"):
+        vd.cifar_dataset(tmp_path / "missing", "cifar10", train=True)
+
+    _folder_tree(tmp_path / "ds", ["train", "val"], ["cat", "dog"])
+    t = vd.parse_task_spec(f"folder:{tmp_path / 'ds'}", image_size=16)
+    assert t.kind == "id" and t.num_classes == 2 and len(t.tests["test"]) == 4
+
+    dn = tmp_path / "domainnet"
+    for i, dom in enumerate(["clipart", "real", "sketch"]):
+        _folder_tree(dn, [dom], ["apple", "bee"] if dom != "sketch" else ["bee"], per=1)
+    t = vd.parse_task_spec(f"domains:{dn}:real", image_size=16)
+    assert t.kind == "ood" and sorted(t.tests) == ["clipart", "sketch"]
+    assert [y for _, y in t.tests["sketch"].samples] == [1]  # 'bee' keeps the shared label
+
+    _folder_tree(tmp_path / "in1k", ["train"], ["n01", "n02", "n03"], per=1)
+    _folder_tree(tmp_path / "inr", ["."], ["n03"], per=1)
+    t = vd.parse_task_spec(f"variants:{tmp_path / 'in1k' / 'train'}:{tmp_path / 'inr'}", image_size=16)
+    assert t.tests["inr"].targets == [2]
+    with pytest.raises(ValueError, match="unknown task kind"):
+        vd.parse_task_spec("nope:/x")
+
+
+def test_pretrain_and_evaluate_on_imagefolder(tmp_path):
+    """Paper-scale code path (real loaders, 3-channel timm model) on tiny files."""
+    _folder_tree(tmp_path / "pre", ["train", "val"], ["a", "b", "c"], per=3)
+    _folder_tree(tmp_path / "down", ["train", "test"], ["x", "y"], per=3)
+    dn = tmp_path / "dom"
+    for dom in ("real", "sketch"):
+        _folder_tree(dn, [dom], ["p", "q"], per=2)
+    m = pt.main(["--dataset", "imagefolder", "--data-root", str(tmp_path / "pre"), "--image-size", "32",
+                 "--epochs", "1", "--batch-size", "4", "--noise", "0.2", "--out", str(tmp_path / "run")])
+    assert m["finished"] and 0.0 <= m["val_accuracy"] <= 1.0
+    res = ev.main(["--backbone", str(tmp_path / "run" / "model.pt"), "--out", str(tmp_path / "ev"),
+                   "--task", f"folder:{tmp_path / 'down'}", "--task", f"domains:{dn}:real", "--image-size", "32",
+                   "--seeds", "0", "--epochs", "2", "--fractions", "0.5", "1.0", "--tune-batch-size", "4"])
+    assert res["settings"]["gamma"] == pytest.approx(0.2)
+    kinds = {(r["task"], r["kind"], r["domain"]) for r in res["records"]}
+    assert kinds == {("down", "id", "test"), ("dom", "ood", "sketch")}
+    assert len(res["records"]) == 2 * 3 * 2  # tasks x methods x fractions
+    assert all(math.isfinite(r[k]) for r in res["records"] for k in ("accuracy", "macro_f1", "sve", "lsvr"))
+
+
+def test_lora_rows(tmp_path, tiny_data):
+    pytest.importorskip("peft", reason="the [lora] extra is part of the test environment")
+    pt.pretrain(tiny_data, tmp_path / "m", pt.PretrainConfig(epochs=1, batch_size=16), progress=False)
+    task = vd.offline_tasks(tiny=True)[0]
+    recs = ev._lora_records(str(tmp_path / "m" / "model.pt"), [task], 0.0, epochs=1, seeds=[0])
+    assert {r["method"] for r in recs} == {"lora", "lora+nmtune"}
+    assert all(math.isfinite(r[k]) for r in recs for k in ("accuracy", "macro_f1", "sve", "lsvr"))
+
+
+# ----------------------------------------------------------------------------- the whole pipeline
+
+
+def test_reproduce_paper_tiny(tmp_path, monkeypatch):
+    out = tmp_path / "study"
+
+    def fake_language(lang_out, tiny):  # the language helper's contract: run_study(out, tiny=...)
+        lang_out.mkdir(parents=True)
+        (lang_out / "table.md").write_text("| method | ID |\n|---|---|\n| LANGTABLE | 1 |\n")
+        (lang_out / "results.json").write_text("{}")
+        return {}
+
+    monkeypatch.setattr(rp, "_load_language", fake_language)
+    res = rp.main(["--tiny", "--out", str(out), "--no-progress", "--language"])
+    report = (out / "report.md").read_text()
+    for section in ("## Claims", "Table 1 analogue", "Figure 2", "Figure 3", "Figure 5", "LANGTABLE"):
+        assert section in report
+    for rel in res["figures"].values():
+        data = (out / rel).read_bytes()
+        assert data[:4] == b"\x89PNG" and len(data) > 5000
+    saved = json.loads((out / "results.json").read_text())
+    assert len(saved["claims"]) >= 10 and all(isinstance(c["reproduced"], bool) for c in saved["claims"])
+    assert sorted(float(g) for g in saved["pretrain"]) == [0.0, 0.05, 0.1, 0.2, 0.3]
+    assert {r["method"] for r in saved["records"]} == {"lp", "mlp", "nmtune"}
+    assert all(math.isfinite(r[k]) for r in saved["records"] for k in ("accuracy", "macro_f1", "sve", "lsvr"))
+    for g, b in saved["backbone"].items():
+        assert math.isfinite(b["id_sve"]) and math.isfinite(b["ood_lsvr"])
+    # a rerun skips every finished stage and reproduces the same records
+    mtimes = {p: p.stat().st_mtime for p in out.glob("pretrain/*/model.pt")}
+    again = rp.main(["--tiny", "--out", str(out), "--no-progress"])
+    assert {p: p.stat().st_mtime for p in out.glob("pretrain/*/model.pt")} == mtimes
+    assert again["records"] == saved["records"]
