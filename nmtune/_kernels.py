@@ -24,10 +24,17 @@ the condition number and loses every singular value below about
 that accuracy for speed. Inputs in half precision are upcast with autocast
 disabled; callers cast results back to the input dtype.
 
-The Gram product has a hand-written backward (one matmul instead of the two
-autograd would run for ``z @ z.mT``), and the square root of the eigenvalues
-is guarded with ``torch.where`` so that zero or numerically-zero singular
-values get a zero (sub)gradient instead of ``1 / (2 sqrt(0))``.
+When the spectrum is asked for (with or without the covariance), one
+``autograd.Function`` (:class:`_GramSpectrum`) computes both statistics with
+a fused, hand-written backward: one matmul of the Gram's cost, one ``M^3``
+(or ``D^3``) product and one elementwise pass over ``(M, D)``, in place of the
+extra matmul and the many elementwise passes autograd would record. Row
+normalisation (the consistency term) has a fused backward as well. These
+functions are differentiable once (``once_differentiable``: a second-order
+gradient raises instead of being silently wrong). The standalone Gram product
+has a one-matmul backward, and the square root of the eigenvalues is guarded
+with ``torch.where`` so that zero or numerically-zero singular values get a
+zero (sub)gradient instead of ``1 / (2 sqrt(0))``.
 """
 
 from __future__ import annotations
@@ -106,26 +113,80 @@ def eigen_singular_values(g: Tensor) -> Tensor:
     return torch.where(positive, torch.sqrt(torch.where(positive, lam, 1.0)), 0.0)
 
 
-def _offdiag_from_rows_gram(g: Tensor, z: Tensor) -> Tensor:
-    """Off-diagonal covariance energy from the uncentred ``M x M`` Gram."""
-    m = z.shape[-2]
-    row_mean = g.mean(dim=-1, keepdim=True)  # (..., M, 1)
-    total_mean = row_mean.mean(dim=-2, keepdim=True)  # (..., 1, 1)
-    centred = g - row_mean - row_mean.mT + total_mean  # H G H
-    zc = z - z.mean(dim=-2, keepdim=True)
-    diag = zc.square().sum(dim=-2)  # (..., D) = (M - 1) C_dd
-    energy = centred.square().sum(dim=(-2, -1)) - diag.square().sum(dim=-1)
-    return energy / (m - 1) ** 2
+class _GramSpectrum(torch.autograd.Function):
+    """Singular values and covariance off-diagonal energy with one fused backward.
 
+    Forward: one Gram product on the smaller side, ``eigh`` (``eigvalsh`` when
+    no gradient is needed) and, if asked, the off-diagonal energy from the
+    same Gram. Backward, with ``B = V diag(g_sigma / (2 sigma)) V^T`` and
+    ``kappa = g_energy / (M - 1)^2``:
 
-def _offdiag_from_cols_gram(g: Tensor, z: Tensor) -> Tensor:
-    """Off-diagonal covariance energy from the uncentred ``D x D`` Gram."""
-    m = z.shape[-2]
-    mean = z.mean(dim=-2)  # (..., D)
-    scatter = g - m * (mean.unsqueeze(-1) * mean.unsqueeze(-2))
-    diag = scatter.diagonal(dim1=-2, dim2=-1)
-    energy = scatter.square().sum(dim=(-2, -1)) - diag.square().sum(dim=-1)
-    return energy / (m - 1) ** 2
+    * ``M < D``: ``grad = (2 B + 4 kappa Kc) x - 4 kappa (x - mean) * diag``
+      (``Kc`` the centred ``M x M`` Gram, ``diag`` the column scatter);
+    * ``M >= D``: ``grad = x (2 B + 4 kappa S_off) - 4 kappa mean^T S_off``
+      (``S_off`` the centred ``D x D`` scatter with its diagonal zeroed).
+
+    That is one matmul of the Gram's cost plus one ``M^3``/``D^3`` product,
+    instead of the dozen elementwise passes over ``(M, D)`` autograd would
+    record. Inputs arrive in any floating dtype; the work runs in ``dtype``
+    and the gradient goes back in the input's dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, dtype: torch.dtype, covariance: bool):  # type: ignore[override]
+        xc = x.to(dtype)
+        m, d = xc.shape[-2], xc.shape[-1]
+        rows = m < d
+        g = xc @ xc.mT if rows else xc.mT @ xc
+        need_grad = ctx.needs_input_grad[0]
+        if need_grad:
+            lam, vec = torch.linalg.eigh(g)  # ascending
+        else:
+            lam, vec = torch.linalg.eigvalsh(g), None
+        n = g.shape[-1]
+        tol = lam[..., -1:].clamp_min(0) * (n * torch.finfo(lam.dtype).eps)
+        positive = lam > tol
+        sigma = torch.where(positive, torch.sqrt(torch.where(positive, lam, 1.0)), 0.0)
+        scale = 1.0 / (m - 1) ** 2
+        if covariance:
+            var, mean = torch.var_mean(xc, dim=-2, correction=0, keepdim=True)  # (..., 1, D)
+            if rows:
+                row_mean = g.mean(dim=-1, keepdim=True)
+                centred = g - row_mean - row_mean.mT + row_mean.mean(dim=-2, keepdim=True)  # H G H
+                diag = var * m
+                energy = centred.square().sum(dim=(-2, -1)) - diag.square().sum(dim=(-2, -1))
+            else:
+                centred = g - m * (mean.mT @ mean)  # scatter (..., D, D)
+                diag = centred.diagonal(dim1=-2, dim2=-1)
+                energy = centred.square().sum(dim=(-2, -1)) - diag.square().sum(dim=-1)
+            energy = energy * scale
+        else:
+            energy = sigma.new_zeros(sigma.shape[:-1])
+            centred = mean = diag = None
+        if need_grad:
+            ctx.save_for_backward(xc, vec, sigma, positive, centred, mean, diag)
+        ctx.rows, ctx.covariance, ctx.scale, ctx.in_dtype = rows, covariance, scale, x.dtype
+        return sigma.flip(-1), energy
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_sigma: Tensor, g_energy: Tensor):  # type: ignore[override]
+        xc, vec, sigma, positive, centred, mean, diag = ctx.saved_tensors
+        gs = g_sigma.to(xc.dtype).flip(-1)  # ascending, like the eigenvalues
+        c = torch.where(positive, gs / (2 * torch.where(positive, sigma, 1.0)), 0.0)
+        a = 2 * ((vec * c.unsqueeze(-2)) @ vec.mT)
+        if ctx.covariance:
+            kappa = (4 * ctx.scale) * g_energy.to(xc.dtype)[..., None, None]
+            if ctx.rows:
+                a = a + kappa * centred
+                grad = a @ xc - (kappa * diag) * (xc - mean)
+            else:
+                off = centred - torch.diag_embed(diag)
+                a = a + kappa * off
+                grad = xc @ a - kappa * (mean @ off)
+        else:
+            grad = a @ xc if ctx.rows else xc @ a
+        return grad.to(ctx.in_dtype), None, None
 
 
 def _offdiag_centred(z: Tensor) -> Tensor:
@@ -165,29 +226,47 @@ def spectral_stats(
         :class:`SpectralStats` in the compute dtype.
     """
     with torch.autocast(device_type=z.device.type, enabled=False):
+        if singular_values and not normalize_rows:
+            sigma, energy = _GramSpectrum.apply(z, compute_dtype(z.dtype, precision), covariance)
+            return SpectralStats(sigma, energy if covariance else None)
         x = upcast(z, precision)
         if not singular_values:
             return SpectralStats(None, _offdiag_centred(x) if covariance else None)
-        m, d = x.shape[-2], x.shape[-1]
-        rows = m < d
-        if normalize_rows:
-            s = _normalize_rows(x)
-            sigma = eigen_singular_values(gram(s, rows))
-            offdiag = _offdiag_centred(x) if covariance else None
-            return SpectralStats(sigma, offdiag)
-        g = gram(x, rows)
-        sigma = eigen_singular_values(g)
-        offdiag = None
-        if covariance:
-            offdiag = (_offdiag_from_rows_gram if rows else _offdiag_from_cols_gram)(g, x)
-        return SpectralStats(sigma, offdiag)
+        s = _normalize_rows(x)
+        sigma = eigen_singular_values(gram(s, x.shape[-2] < x.shape[-1]))
+        return SpectralStats(sigma, _offdiag_centred(x) if covariance else None)
+
+
+class _NormalizeRows(torch.autograd.Function):
+    """``x / ||x||`` per row with a fused backward ``r (g - y <y, g>)``.
+
+    All-zero rows map to zero with zero gradient (``r = 0`` there).
+    """
+
+    @staticmethod
+    def forward(x: Tensor) -> Tensor:  # type: ignore[override]
+        sq = x.square().sum(dim=-1, keepdim=True)
+        nonzero = sq > 0
+        r = torch.where(nonzero, torch.rsqrt(torch.where(nonzero, sq, 1.0)), 0.0)
+        return x * r, r
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+        y, r = output
+        ctx.save_for_backward(y, r)
+        ctx.mark_non_differentiable(r)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor, _grad_r: Tensor):  # type: ignore[override]
+        y, r = ctx.saved_tensors
+        dot = (y * grad).sum(dim=-1, keepdim=True)
+        return r * torch.addcmul(grad, y, dot, value=-1.0)
 
 
 def _normalize_rows(x: Tensor) -> Tensor:
     """Rows scaled to unit L2 norm; all-zero rows stay zero with zero gradient."""
-    sq = x.square().sum(dim=-1, keepdim=True)
-    nonzero = sq > 0
-    return torch.where(nonzero, x * torch.rsqrt(torch.where(nonzero, sq, 1.0)), 0.0)
+    return _NormalizeRows.apply(x)[0]
 
 
 normalize_rows = _normalize_rows

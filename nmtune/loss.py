@@ -246,7 +246,7 @@ class NMTuneRegularizer(nn.Module):
         reg = zero
         if cfg.uses_consistency:
             mse = NF.consistency_loss(z, f, mode=cfg.consistency, check_finite=False)  # type: ignore[arg-type]
-            reg = reg + cfg.mse_weight * mse.float()
+            reg = reg + cfg.mse_weight * mse.to(torch.promote_types(mse.dtype, torch.float32))
         if stats.offdiag_energy is not None:
             cov = (stats.offdiag_energy / zs.shape[-1]).mean()
             reg = reg + cfg.cov_weight * cov

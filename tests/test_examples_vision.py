@@ -23,14 +23,6 @@ import reproduce_paper as rp  # noqa: E402
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The examples default to one torch thread (see reproduce_paper --threads); keep the
-    tests on the same setting so a busy CI box does not oversubscribe."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -32,13 +32,6 @@ from nmtune.lora import (  # noqa: E402
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: thread start-up dominates, and CI cores are shared; restore afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _tiny_bert(seed: int = 0, dropout: float = 0.0) -> BertModel:
@@ -257,6 +250,13 @@ def test_timm_wrap_train_save_reload(name: str, kwargs: dict, new_head: bool, ta
             continue
         key = n.replace(".base_layer", "").replace(".original_module", "")
         assert torch.equal(p, before[key]), f"base weight {n} changed"
+    compared = 0
+    for n, b in model.base_model.named_buffers():
+        key = n.replace(".base_layer", "").replace(".original_module", "")
+        if key in stats:
+            assert torch.equal(b, stats[key]), f"base buffer {n} (BatchNorm statistics) changed"
+            compared += 1
+    assert compared == len(stats)
 
     with torch.no_grad():
         trained = model(x)

@@ -1,0 +1,71 @@
+"""A tiny run of each benchmark script: it runs, writes its CSV/markdown, and the ratios are finite.
+
+Timings are never asserted (see STYLE.md); only that the scripts work.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with path.open() as fh:
+        return list(csv.DictReader(fh))
+
+
+def _ratios(row: dict[str, str]) -> dict[str, float]:
+    return {k: float(v) for k, v in row.items() if "/" in k and v != ""}
+
+
+def test_bench_kernels_smoke(tmp_path: Path) -> None:
+    import bench_kernels
+
+    code = bench_kernels.main(
+        ["--quick", "--shapes", "16x24,40x8", "--dtypes", "float32", "--repeats", "1", "--out-dir", str(tmp_path)]
+    )
+    assert code == 0
+    rows = _rows(tmp_path / "bench_kernels.csv")
+    assert [(r["M"], r["D"]) for r in rows] == [("16", "24"), ("40", "8")]
+    for row in rows:
+        ratios = _ratios(row)
+        assert {"fast/naive", "default/naive", "fast/floor", "default/floor"} <= set(ratios)
+        assert all(math.isfinite(v) and v > 0 for v in ratios.values()), ratios
+    errors = _rows(tmp_path / "bench_kernels_errors.csv")
+    default = [e for e in errors if e["path"] == "default"]
+    assert len(default) == 2 and all(float(e["loss_rel_err"]) <= 1e-6 for e in default)
+    text = (tmp_path / "bench_kernels.md").read_text()
+    assert "| float32 | 16 | 24 |" in text and "Targets:" in text and "torch:" in text
+
+
+def test_bench_overhead_smoke(tmp_path: Path) -> None:
+    import bench_overhead
+
+    code = bench_overhead.main(
+        ["--quick", "--shapes", "16x32", "--repeats", "1", "--lora-batch", "4", "--lora-seq", "8",
+         "--out-dir", str(tmp_path)]
+    )
+    assert code == 0
+    (row,) = _rows(tmp_path / "bench_overhead.csv")
+    ratios = _ratios(row)
+    assert {"lp/mlp", "nmtune/mlp", "nmtune_fast/mlp"} <= set(ratios)
+    assert all(math.isfinite(v) and v > 0 for v in ratios.values()), ratios
+    assert row["nmtune_host_syncs"] == "0" and int(row["nmtune_checked_host_syncs"]) >= 1
+    (lora,) = _rows(tmp_path / "bench_overhead_lora.csv")
+    assert math.isfinite(float(lora["lora_nmtune/lora"])) and float(lora["lora_nmtune/lora"]) > 0
+    assert "no host sync in an NMTune step" in (tmp_path / "bench_overhead.md").read_text()
