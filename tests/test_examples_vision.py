@@ -51,6 +51,46 @@ def test_pretrain_resume_is_bit_identical(tmp_path, tiny_data):
                     progress=False)
 
 
+def test_pretrain_killed_process_resumes_to_identical_weights(tmp_path):
+    """SIGKILL a real pretrain.py process once its first checkpoint exists, rerun it, and
+    compare with an uninterrupted run: weights and loss history must be identical."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, str(EXAMPLES / "pretrain.py"), "--tiny", "--epochs", "6", "--batch-size", "8",
+           "--noise", "0.2"]
+    full = subprocess.run([*cmd, "--out", str(tmp_path / "full")], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert full.returncode == 0, full.stderr[-2000:]
+
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([*cmd, "--out", str(cut)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=env)
+    deadline = time.monotonic() + 240
+    while not (cut / "checkpoint.pt").exists():
+        assert proc.poll() is None, "pretrain.py exited before writing a checkpoint"
+        assert time.monotonic() < deadline, "no checkpoint within 240 s"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (cut / "model.pt").exists(), "the run finished before it was killed"
+    done = torch.load(cut / "checkpoint.pt", weights_only=False)["epoch"]
+    assert 1 <= done < 6
+
+    resumed = subprocess.run([*cmd, "--out", str(cut)], capture_output=True, text=True, timeout=300, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = torch.load(tmp_path / "full" / "model.pt", weights_only=False)["model"]
+    b = torch.load(cut / "model.pt", weights_only=False)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ha = json.loads((tmp_path / "full" / "metrics.json").read_text())["history"]
+    hb = json.loads((cut / "metrics.json").read_text())["history"]
+    assert [h["train_loss"] for h in ha] == [h["train_loss"] for h in hb]
+
+
 @pytest.mark.distributed
 def test_pretrain_ddp_two_gloo_ranks(tmp_path):
     """The DDP path of pretrain.py under torchrun (2 CPU ranks, gloo), tiny size."""
