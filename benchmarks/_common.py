@@ -264,6 +264,14 @@ def fmt(value: Any) -> str:
     return str(value)
 
 
+def write_report(out_dir: Path, name: str, lines: Sequence[str]) -> None:
+    """Write ``out_dir/<name>.md``, print it, and say where the CSV and markdown went."""
+    text = "\n".join(lines)
+    (out_dir / f"{name}.md").write_text(text)
+    print(text)
+    print(f"wrote {out_dir / (name + '.csv')} and {out_dir / (name + '.md')}")
+
+
 def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     keys: list[str] = []

@@ -218,9 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         text += ["Relative error against the float64 `torch.linalg.svd` reference (float32 features).", "",
                  C.markdown_table(errors, ["features", "M", "D", "path", "loss_rel_err", "grad_rel_err"]), ""]
     text += ["Targets:", ""] + [f"- {line}" for line in targets] + [""]
-    (args.out_dir / "bench_kernels.md").write_text("\n".join(text))
-    print("\n".join(text))
-    print(f"wrote {args.out_dir / 'bench_kernels.csv'} and {args.out_dir / 'bench_kernels.md'}")
+    C.write_report(args.out_dir, "bench_kernels", text)
     return 0
 
 

@@ -233,9 +233,7 @@ def main(argv: list[str] | None = None) -> int:
                  C.markdown_table(lora, ["encoder", "batch", "seq", "lora_ms", "lora_nmtune_ms", "lora_nmtune/lora"]),
                  ""]
     text += ["Targets:", ""] + [f"- {line}" for line in targets] + [""]
-    (args.out_dir / "bench_overhead.md").write_text("\n".join(text))
-    print("\n".join(text))
-    print(f"wrote {args.out_dir / 'bench_overhead.csv'} and {args.out_dir / 'bench_overhead.md'}")
+    C.write_report(args.out_dir, "bench_overhead", text)
     return 0
 
 

@@ -674,19 +674,26 @@ def load_wordnet_task(
         )
     names = tuple(LEXNAMES[k] if k < len(LEXNAMES) else f"lex{k:02d}" for k in chosen)
 
-    def split(name: str, part: int) -> TextSplit:
-        texts, labels = [], []
-        for cls, lex in enumerate(chosen):
-            texts += chosen[lex][part]
-            labels += [cls] * len(chosen[lex][part])
-        return TextSplit(name, texts, np.asarray(labels, dtype=np.int64))
+    return _three_part_task("wordnet", [chosen[lex] for lex in chosen], names)
+
+
+def _three_part_task(name: str, per_class: Sequence[Sequence[Sequence[str]]], names: tuple[str, ...]) -> TextTask:
+    """A classification task from ``per_class[c] = (train texts, ID test texts, OOD texts)``."""
+
+    def split(split_name: str, part: int) -> TextSplit:
+        texts: list[str] = []
+        labels: list[int] = []
+        for cls, parts in enumerate(per_class):
+            texts += list(parts[part])
+            labels += [cls] * len(parts[part])
+        return TextSplit(split_name, texts, np.asarray(labels, dtype=np.int64))
 
     return TextTask(
-        name="wordnet",
+        name=name,
         train=split("train", 0),
         id_test=split("test", 1),
         ood={"usage_examples": split("ood:usage_examples", 2)},
-        num_classes=len(chosen),
+        num_classes=len(per_class),
         metric="accuracy",
         label_names=names,
     )
@@ -767,19 +774,4 @@ def tiny_task() -> TextTask:
     """
     names = tuple(_TINY)
 
-    def split(name: str, part: int) -> TextSplit:
-        texts, labels = [], []
-        for cls, n in enumerate(names):
-            texts += _TINY[n][part]
-            labels += [cls] * len(_TINY[n][part])
-        return TextSplit(name, texts, np.asarray(labels, dtype=np.int64))
-
-    return TextTask(
-        name="tiny",
-        train=split("train", 0),
-        id_test=split("test", 1),
-        ood={"usage_examples": split("ood:usage_examples", 2)},
-        num_classes=len(names),
-        metric="accuracy",
-        label_names=names,
-    )
+    return _three_part_task("tiny", [_TINY[n] for n in names], names)

@@ -75,6 +75,12 @@ def _num_classes(labels: torch.Tensor, num_classes: int | None) -> int:
     return int(num_classes)
 
 
+def _pick(members: torch.Tensor, ratio: float, g: torch.Generator) -> torch.Tensor:
+    """Exactly ``round(ratio * len(members))`` of ``members``, uniformly without replacement."""
+    n_flip = int(round(ratio * len(members)))
+    return members[torch.randperm(len(members), generator=g)[:n_flip]]
+
+
 def _flip_within(labels: torch.Tensor, idx: torch.Tensor, classes: torch.Tensor, g: torch.Generator) -> None:
     """Flip ``labels[idx]`` (all members of ``classes``) to another member, uniformly."""
     k = len(classes)
@@ -154,14 +160,11 @@ def asymmetric_noise(
     if len(subset) < 2:
         raise ValueError(f"classes must hold at least 2 distinct classes, got {list(classes)!r}")
     g = _generator(seed)
-    members = torch.nonzero(torch.isin(y, subset)).flatten()
-    n_flip = int(round(ratio * len(members)))
+    idx = _pick(torch.nonzero(torch.isin(y, subset)).flatten(), ratio, g)
     mask = torch.zeros(len(y), dtype=torch.bool)
-    if n_flip == 0:
-        return NoisyLabels(y, mask)
-    idx = members[torch.randperm(len(members), generator=g)[:n_flip]]
-    _flip_within(y, idx, subset, g)
-    mask[idx] = True
+    if len(idx):
+        _flip_within(y, idx, subset, g)
+        mask[idx] = True
     return NoisyLabels(y, mask)
 
 
@@ -204,12 +207,8 @@ def pair_flip_noise(
     lut = torch.arange(max(int(y.max()) + 1 if len(y) else 0, int(src.max()) + 1))
     for s, t in mapping.items():
         lut[int(s)] = int(t)
-    members = torch.nonzero(torch.isin(y, src)).flatten()
-    n_flip = int(round(ratio * len(members)))
+    idx = _pick(torch.nonzero(torch.isin(y, src)).flatten(), ratio, g)
     mask = torch.zeros(len(y), dtype=torch.bool)
-    if n_flip == 0:
-        return NoisyLabels(y, mask)
-    idx = members[torch.randperm(len(members), generator=g)[:n_flip]]
     y[idx] = lut[y[idx]]
     mask[idx] = True
     return NoisyLabels(y, mask)
