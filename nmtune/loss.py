@@ -235,12 +235,12 @@ class NMTuneRegularizer(nn.Module):
 
             zs = all_gather_rows(z)
 
-        stats = _kernels.spectral_stats(
-            zs,
-            precision=cfg.precision,
-            singular_values=cfg.uses_spectrum,
-            covariance=cfg.uses_covariance,
-        ) if (cfg.uses_spectrum or cfg.uses_covariance) else _kernels.SpectralStats(None, None)
+        if cfg.uses_spectrum or cfg.uses_covariance:  # one Gram product serves both
+            stats = _kernels.spectral_stats(
+                zs, precision=cfg.precision, singular_values=cfg.uses_spectrum, covariance=cfg.uses_covariance
+            )
+        else:
+            stats = _kernels.SpectralStats(None, None)
 
         mse = cov = svd = None
         reg = zero
