@@ -101,8 +101,18 @@ def test_pretrain_ddp_two_gloo_ranks(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(EXAMPLES / "pretrain.py"), "--tiny", "--epochs", "1", "--batch-size", "8", "--noise", "0.1",
            "--out", str(tmp_path / "ddp")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    import signal
+
+    # A new session, so that a timeout kills torchrun *and* its ranks, not only torchrun.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, stderr[-2000:]
     metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert metrics["finished"] and metrics["num_noisy"] == 12
     state = torch.load(tmp_path / "ddp" / "model.pt", weights_only=False)
