@@ -222,9 +222,8 @@ def consistency_loss(
         validate_finite(z, "z")
         validate_finite(f, "f")
     with torch.autocast(device_type=z.device.type, enabled=False):
-        zn = _kernels.normalize_rows(_kernels.upcast(z, "float32"))
-        fn = _kernels.normalize_rows(_kernels.upcast(f.detach(), "float32").to(zn.dtype))
-        dist = (zn - fn).square().sum(dim=-1)
+        zc = _kernels.upcast(z, "float32")
+        dist = _kernels.row_distance(zc, _kernels.upcast(f.detach(), "float32").to(zc.dtype))
         if mode == "element":
             dist = dist / z.shape[-1]
         if reduction == "mean":

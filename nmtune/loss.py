@@ -57,6 +57,12 @@ class NMTuneConfig:
         gather_distributed: Compute ``L_COV`` and ``L_SVD`` on the global
             batch gathered from every rank (autograd-aware); the consistency
             term stays local.
+        equal_local_batches: With ``gather_distributed``, promise that every
+            rank's batch has the same number of rows (``DistributedSampler``
+            with ``drop_last=True`` on the loader). The gather then skips the
+            per-step shape exchange and its host sync. A broken promise is an
+            error inside the collective (gloo) or a hang (NCCL), so leave it
+            ``False`` when the last batch can be short.
 
     Example:
         >>> cfg = NMTuneConfig.from_preset("official", top_k=3)
@@ -73,6 +79,7 @@ class NMTuneConfig:
     precision: str = "float64"
     check_finite: bool = True
     gather_distributed: bool = False
+    equal_local_batches: bool = False
 
     def __post_init__(self) -> None:
         for name in ("lambda_", "mse_weight", "cov_weight", "svd_weight"):
@@ -87,7 +94,7 @@ class NMTuneConfig:
         if self.consistency not in NF.CONSISTENCY_MODES:
             raise ValueError(f"consistency must be one of {NF.CONSISTENCY_MODES}; got {self.consistency!r}")
         NF.validate_precision(self.precision)
-        for name in ("check_finite", "gather_distributed"):
+        for name in ("check_finite", "gather_distributed", "equal_local_batches"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool; got {getattr(self, name)!r}")
 
@@ -233,7 +240,8 @@ class NMTuneRegularizer(nn.Module):
                 )
             from nmtune.distributed import all_gather_rows
 
-            zs = all_gather_rows(z)
+            sizes = [z.shape[-2]] * dist.get_world_size() if cfg.equal_local_batches else None
+            zs = all_gather_rows(z, sizes=sizes)
 
         if cfg.uses_spectrum or cfg.uses_covariance:  # one Gram product serves both
             stats = _kernels.spectral_stats(

@@ -78,6 +78,20 @@ def test_consistency_matches_reference(shape):
     torch.testing.assert_close(NF.consistency_loss(z, f, reduction="sum"), per_row.sum())
 
 
+def test_consistency_zero_rows_normalise_to_zero():
+    z = _rand((3, 5))
+    f = _rand((3, 5), seed=4)
+    z[0] = 0.0  # distance ||0 - f/||f|| ||^2 = 1, no gradient through a zero row
+    f[1] = 0.0  # distance ||z/||z|| - 0||^2 = 1, and the gradient is tangent to the sphere: zero
+    zr = z.clone().requires_grad_(True)
+    per_row = NF.consistency_loss(zr, f, reduction="none")
+    per_row.sum().backward()
+    torch.testing.assert_close(per_row[:2], torch.ones(2, dtype=torch.float64))
+    torch.testing.assert_close(zr.grad[:2], torch.zeros(2, 5, dtype=torch.float64))
+    _, expected = _grad(lambda t: ref.consistency(t, f[2:]), z[2:])  # one row: its distance
+    torch.testing.assert_close(zr.grad[2:], expected)
+
+
 def test_consistency_detaches_reference():
     z = _rand((6, 4)).requires_grad_(True)
     f = _rand((6, 4), seed=9).requires_grad_(True)

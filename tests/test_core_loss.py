@@ -51,6 +51,7 @@ def test_config_json_round_trip(preset):
         (dict(consistency="l2"), ValueError, "consistency.*'l2'"),
         (dict(precision="half"), ValueError, "precision.*'half'"),
         (dict(check_finite=1), TypeError, "check_finite.*bool"),
+        (dict(equal_local_batches="yes"), TypeError, "equal_local_batches.*bool"),
     ],
 )
 def test_config_validation(kwargs, error, match):
@@ -68,8 +69,9 @@ def test_unknown_preset_and_fields():
 
 
 @pytest.mark.parametrize("preset", ["paper", "official"])
-def test_regularizer_matches_reference(preset):
-    z, f = _zf(m=24, d=40)
+@pytest.mark.parametrize(("m", "d"), [(24, 40), (40, 24), (16, 16)])  # M < D, M > D (D x D side), square
+def test_regularizer_matches_reference(preset, m, d):
+    z, f = _zf(m=m, d=d)
     cfg = NMTuneConfig.from_preset(preset)
     reg = NMTuneRegularizer(cfg)
     zr = z.clone().requires_grad_(True)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import nmtune.distributed as ND
 from nmtune import NMTuneHead, NMTuneLoss, NMTuneRegularizer
 from nmtune.distributed import all_gather_rows, is_distributed
 
@@ -37,6 +38,10 @@ def _criterion(**kw) -> NMTuneLoss:
     return NMTuneLoss("paper", lambda_=1.0, **kw)
 
 
+def _no_exchange(*args: object) -> None:
+    raise AssertionError("equal_local_batches=True must not exchange shapes")
+
+
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -45,12 +50,20 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     result: dict[str, object] = {}
     try:
-        for name, sizes in (("equal", EQUAL), ("unequal", UNEQUAL)):
+        for name, sizes, promise in (("equal", EQUAL, False), ("unequal", UNEQUAL, False),
+                                     ("equal_promised", EQUAL, True)):
             x, y = _batch(100 + rank, sizes[rank])
             model = DDP(_head())
             out = model(x)
-            loss = _criterion(gather_distributed=True)(out.logits, y, out.features, x)
-            loss.backward()
+            criterion = _criterion(gather_distributed=True, equal_local_batches=promise)
+            exchange = ND._exchange_shapes
+            if promise:  # the promise must skip the shape exchange (its host sync) entirely
+                ND._exchange_shapes = _no_exchange
+            try:
+                loss = criterion(out.logits, y, out.features, x)
+                loss.backward()
+            finally:
+                ND._exchange_shapes = exchange
             mean_loss = loss.detach().clone()
             dist.all_reduce(mean_loss)
             result[name] = {
@@ -109,7 +122,7 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("case, sizes", [("equal", EQUAL), ("unequal", UNEQUAL)])
+@pytest.mark.parametrize("case, sizes", [("equal", EQUAL), ("unequal", UNEQUAL), ("equal_promised", EQUAL)])
 def test_ddp_matches_one_process_on_the_global_batch(ranks: list[dict], case: str, sizes: tuple[int, ...]) -> None:
     ref_loss, ref_grads = _single_process(sizes)
     for r, result in enumerate(ranks):

@@ -190,6 +190,23 @@ def test_gpt2_last_token_pooling_respects_padding() -> None:
     assert not torch.allclose(batched.features[0], last_pad)  # a pad position would be wrong
 
 
+def test_gpt2_left_padding_with_position_ids_matches_unpadded() -> None:
+    """docs/lora.md's recipe: left-padded rows need the position ids ``generate`` would pass."""
+    model = wrap_lora(_tiny_gpt2(), num_classes=2)
+    _randomize_lora_b(model)
+    short = torch.randint(2, 100, (1, 5), generator=torch.Generator().manual_seed(1))
+    ids = torch.zeros(1, 9, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    ids[0, 4:], mask[0, 4:] = short[0], 1  # left padding
+    with torch.no_grad():
+        alone = model(input_ids=short, attention_mask=torch.ones_like(short))
+        shifted = model(input_ids=ids, attention_mask=mask)
+        fixed = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0))
+    torch.testing.assert_close(fixed.features, alone.features, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fixed.reference, alone.reference, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(shifted.features, alone.features, rtol=1e-3, atol=1e-3)  # without them
+
+
 def testpool_tokens_last_handles_left_and_right_padding() -> None:
     hidden = torch.arange(2 * 4 * 1, dtype=torch.float32).reshape(2, 4, 1)
     mask = torch.tensor([[1, 1, 0, 0], [0, 0, 1, 1]])  # right-padded, left-padded
