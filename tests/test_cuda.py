@@ -28,26 +28,30 @@ def device() -> torch.device:
     return torch.device("cuda")
 
 
-def _step(head: NMTuneHead, criterion: NMTuneLoss, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    out = head(x)
-    loss = criterion(out.logits, y, out.features, x)
-    loss.backward()
-    return loss.detach()
-
-
-def test_step_without_spectrum_has_no_host_sync(device: torch.device) -> None:
+def _step_under_sync_error(device: torch.device, criterion: NMTuneLoss) -> torch.Tensor:
+    """One warm-up step, then one head step (forward, loss, backward) with syncs raising."""
     head = NMTuneHead(64, 10).to(device)
-    criterion = NMTuneLoss("paper", svd_weight=0.0, check_finite=False)  # consistency + covariance
     x = torch.randn(32, 64, device=device)
     y = torch.randint(0, 10, (32,), device=device)
-    _step(head, criterion, x, y)  # warm up (lazy CUDA/cuBLAS init may sync once)
+
+    def step() -> torch.Tensor:
+        out = head(x)
+        loss = criterion(out.logits, y, out.features, x)
+        loss.backward()
+        return loss.detach()
+
+    step()  # warm up (lazy CUDA/cuBLAS/cuSOLVER init may sync once)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        loss = _step(head, criterion, x, y)
+        return step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert torch.isfinite(loss)
+
+
+def test_step_without_spectrum_has_no_host_sync(device: torch.device) -> None:
+    criterion = NMTuneLoss("paper", svd_weight=0.0, check_finite=False)  # consistency + covariance
+    assert torch.isfinite(_step_under_sync_error(device, criterion))
 
 
 def test_step_syncs_only_inside_torch_eigh(device: torch.device, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -58,29 +62,20 @@ def test_step_syncs_only_inside_torch_eigh(device: torch.device, monkeypatch: py
     def allow_sync(fn):  # type: ignore[no-untyped-def]
         def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
             calls.append(fn.__name__)
+            mode = torch.cuda.get_sync_debug_mode()
             torch.cuda.set_sync_debug_mode("default")
             try:
                 return fn(*args, **kwargs)
             finally:
-                torch.cuda.set_sync_debug_mode("error")
+                torch.cuda.set_sync_debug_mode(mode)
 
         return wrapper
 
-    head = NMTuneHead(64, 10).to(device)
-    criterion = NMTuneLoss("paper", check_finite=False)
-    x = torch.randn(32, 64, device=device)
-    y = torch.randint(0, 10, (32,), device=device)
-    _step(head, criterion, x, y)  # warm up (lazy cuSOLVER init)
-    torch.cuda.synchronize()
     monkeypatch.setattr(torch.linalg, "eigh", allow_sync(torch.linalg.eigh))
     monkeypatch.setattr(torch.linalg, "eigvalsh", allow_sync(torch.linalg.eigvalsh))
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        loss = _step(head, criterion, x, y)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    loss = _step_under_sync_error(device, NMTuneLoss("paper", check_finite=False))
     assert torch.isfinite(loss)
-    assert calls == ["eigh"], calls  # one eigendecomposition per step, nothing else synchronised
+    assert calls == ["eigh", "eigh"], calls  # warm-up and checked step: one eigendecomposition each
 
 
 @pytest.mark.parametrize("precision", ["float64", "float32"])
