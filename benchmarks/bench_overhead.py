@@ -45,7 +45,7 @@ random BERT with ``--encoder tiny`` / when that package is missing).
 
 Usage::
 
-    python benchmarks/bench_overhead.py            # a few minutes on 1 CPU thread
+    python benchmarks/bench_overhead.py            # about a minute on 1 CPU thread
     python benchmarks/bench_overhead.py --quick    # seconds
     python benchmarks/bench_overhead.py --compile  # adds torch.compile(fullgraph=True) of the NMTune step
     python benchmarks/bench_overhead.py --device cuda
