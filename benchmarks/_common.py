@@ -34,15 +34,22 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout without install
 # ----------------------------------------------------------------------------- setup
 
 
-def setup(threads: int, device: str, seed: int = 0) -> torch.device:
-    """Fix the thread count and seed; validate the device."""
+def setup(threads: int, device: str, seed: int = 0, *, malloc: str = "fixed") -> torch.device:
+    """Fix the thread count and seed; validate the device.
+
+    ``malloc="fixed"`` (CPU) pins glibc's thresholds for the timings (see
+    :func:`_fix_malloc_thresholds`); ``"default"`` leaves glibc's dynamic ones,
+    as a plain training script runs.
+    """
+    if malloc not in ("fixed", "default"):
+        raise SystemExit(f"--malloc must be 'fixed' or 'default'; got {malloc!r}")
     if threads > 0:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device {device}: CUDA is not available on this machine")
-    if dev.type == "cpu":
+    if dev.type == "cpu" and malloc == "fixed":
         _fix_malloc_thresholds()
     return dev
 

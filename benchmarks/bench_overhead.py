@@ -257,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shapes", default=None, help=f"MxD list (default {DEFAULT_SHAPES})")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 5, quick 2)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; 0 = torch default)")
+    parser.add_argument("--malloc", choices=("fixed", "default"), default="fixed",
+                        help="CPU: pin glibc's malloc thresholds (default) or leave glibc's own, as a plain "
+                             "training script runs")
     parser.add_argument("--heads", default="paper,official",
                         help="NMTuneHead presets to time (default paper,official; the targets refer to paper)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile(fullgraph=True) steps")
@@ -268,11 +271,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
 
-    device = C.setup(args.threads, args.device)
+    device = C.setup(args.threads, args.device, malloc=args.malloc)
     shapes = C.parse_shapes(args.shapes or (QUICK_SHAPES if args.quick else DEFAULT_SHAPES))
     repeats = args.repeats or (2 if args.quick else 5)
     encoder = args.encoder or ("tiny" if args.quick else "minilm")
     info = C.machine_info(device)
+    if device.type == "cpu":
+        info["malloc"] = "glibc defaults" if args.malloc == "default" else "fixed 32 MiB mmap / 64 MiB trim"
     print("machine:", info, flush=True)
 
     heads = [h.strip() for h in args.heads.split(",") if h.strip()]

@@ -58,7 +58,7 @@ def test_bench_overhead_smoke(tmp_path: Path) -> None:
 
     code = bench_overhead.main(
         ["--quick", "--shapes", "16x32", "--repeats", "1", "--lora-batch", "4", "--lora-seq", "8",
-         "--out-dir", str(tmp_path)]
+         "--malloc", "default", "--out-dir", str(tmp_path)]
     )
     assert code == 0
     rows = _rows(tmp_path / "bench_overhead.csv")
@@ -73,3 +73,4 @@ def test_bench_overhead_smoke(tmp_path: Path) -> None:
     assert math.isfinite(float(lora["lora_nmtune/lora"])) and float(lora["lora_nmtune/lora"]) > 0
     text = (tmp_path / "bench_overhead.md").read_text()
     assert "no host sync from nmtune's code in an NMTune step" in text and "| bound/mlp |" in text
+    assert "malloc: glibc defaults" in text
