@@ -50,12 +50,23 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     result: dict[str, object] = {}
     try:
-        for name, sizes, promise in (("equal", EQUAL, False), ("unequal", UNEQUAL, False),
-                                     ("equal_promised", EQUAL, True)):
+        cases = (
+            ("equal", EQUAL, False, None),
+            ("unequal", UNEQUAL, False, None),
+            ("equal_promised", EQUAL, True, None),
+            # torch.compile: without the shape exchange the loss compiles whole; with it, the
+            # exchanged sizes are data-dependent and the gather runs behind a graph break.
+            ("equal_promised_fullgraph", EQUAL, True, True),
+            ("unequal_compiled", UNEQUAL, False, False),
+        )
+        for name, sizes, promise, fullgraph in cases:
             x, y = _batch(100 + rank, sizes[rank])
             model = DDP(_head())
             out = model(x)
             criterion = _criterion(gather_distributed=True, equal_local_batches=promise)
+            if fullgraph is not None:
+                torch._dynamo.reset()
+                criterion = torch.compile(criterion, backend="aot_eager", fullgraph=fullgraph)
             exchange = ND._exchange_shapes
             if promise:  # the promise must skip the shape exchange (its host sync) entirely
                 ND._exchange_shapes = _no_exchange
@@ -122,7 +133,11 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("case, sizes", [("equal", EQUAL), ("unequal", UNEQUAL), ("equal_promised", EQUAL)])
+@pytest.mark.parametrize(
+    "case, sizes",
+    [("equal", EQUAL), ("unequal", UNEQUAL), ("equal_promised", EQUAL), ("equal_promised_fullgraph", EQUAL),
+     ("unequal_compiled", UNEQUAL)],
+)
 def test_ddp_matches_one_process_on_the_global_batch(ranks: list[dict], case: str, sizes: tuple[int, ...]) -> None:
     ref_loss, ref_grads = _single_process(sizes)
     for r, result in enumerate(ranks):
