@@ -28,6 +28,7 @@ adapted features) and are off by default (slow on a CPU).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -50,6 +51,7 @@ from nmtune.analysis import mean_std, spectrum_summary, summarize_records  # noq
 __all__ = [
     "task_features",
     "subsample",
+    "TuneSettings",
     "tune_and_score",
     "backbone_metrics",
     "run_evaluation",
@@ -118,31 +120,63 @@ def subsample(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
     return torch.sort(torch.cat(keep)).values
 
 
+@dataclasses.dataclass(frozen=True)
+class TuneSettings:
+    """What :func:`tune_and_score` runs on cached features.
+
+    Attributes:
+        methods: Subset of ``("lp", "mlp", "nmtune")``.
+        seeds: Tuning seeds (each also draws the data subset).
+        fractions: Downstream training-data fractions in ``(0, 1]``.
+        epochs: Tuning epochs (the paper's vision recipe otherwise).
+        loss_config: The NMTune preset or config for the ``nmtune`` rows.
+        batch_size: Tuning batch size.
+    """
+
+    methods: tuple[str, ...] = METHODS
+    seeds: tuple[int, ...] = (0, 1, 2)
+    fractions: tuple[float, ...] = (1.0,)
+    epochs: int = 30
+    loss_config: NMTuneConfig | str = "paper"
+    batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        for name in ("methods", "seeds", "fractions"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        unknown = sorted(set(self.methods) - set(METHODS))
+        if unknown or not self.methods:
+            raise ValueError(f"methods must be a non-empty subset of {METHODS}; got {self.methods!r}")
+
+    def as_record(self) -> dict[str, Any]:
+        """The JSON-able form stored in ``results.json`` (the resume check compares it)."""
+        cfg = self.loss_config
+        return dict(methods=list(self.methods), seeds=list(self.seeds), fractions=list(self.fractions),
+                    epochs=self.epochs, loss_config=cfg if isinstance(cfg, str) else cfg.to_dict(),
+                    tune_batch_size=self.batch_size)
+
+
 def tune_and_score(
     feats: dict[str, Any],
     *,
     gamma: float,
-    methods: Sequence[str] = METHODS,
-    seeds: Sequence[int] = (0, 1, 2),
-    fractions: Sequence[float] = (1.0,),
-    epochs: int = 30,
-    loss_config: NMTuneConfig | str = "paper",
+    settings: TuneSettings = TuneSettings(),
     spectra: dict[str, list[float]] | None = None,
-    batch_size: int = 256,
 ) -> list[dict[str, Any]]:
     """Tune each method on cached features for every seed and data fraction; one record
     per (method, seed, fraction, test domain). With ``spectra`` given, the singular
     values of the tuned features ``Z`` on the first test set (seed 0, full data) are
     stored there under the method's name."""
     (x, y), k = feats["train"], feats["num_classes"]
+    seeds, fractions = settings.seeds, settings.fractions
     records = []
     for frac in fractions:
         for seed in seeds:
             idx = subsample(y, frac, seed)
-            for method in methods:
-                cfg = TuningConfig.recipe("vision", method, epochs=epochs, seed=seed, batch_size=batch_size)
+            for method in settings.methods:
+                cfg = TuningConfig.recipe("vision", method, epochs=settings.epochs, seed=seed,
+                                          batch_size=settings.batch_size)
                 res = fit(x[idx], y[idx], method, num_classes=k, config=cfg,
-                          loss_config=loss_config if method == "nmtune" else None)
+                          loss_config=settings.loss_config if method == "nmtune" else None)
                 for dom, (xt, yt) in feats["tests"].items():
                     m = evaluate(res.head, xt, yt, normalize_rows=True)
                     records.append(dict(gamma=gamma, method=method, kind=feats["kind"], task=feats["name"],
@@ -248,27 +282,23 @@ def run_evaluation(
     out_dir: str | os.PathLike,
     *,
     gamma: float,
-    methods: Sequence[str] = METHODS,
-    seeds: Sequence[int] = (0, 1, 2),
-    fractions: Sequence[float] = (1.0,),
-    epochs: int = 30,
-    loss_config: NMTuneConfig | str = "paper",
+    tuning: TuneSettings = TuneSettings(),
     lora: bool = False,
     lora_epochs: int = 3,
     feature_cache: str | os.PathLike | None = None,
     batch_size: int = 256,
     arch: str | None = None,
-    tune_batch_size: int = 256,
     workers: int = 0,
 ) -> dict[str, Any]:
     """Evaluate one backbone on ``tasks``; writes ``results.json`` and ``table.md`` in
     ``out_dir`` and returns the results (skipped when ``results.json`` already holds
-    the same settings)."""
+    the same settings). ``batch_size`` is the feature-extraction batch size;
+    ``tuning`` says what is tuned on the cached features."""
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    settings = dict(gamma=gamma, methods=list(methods), seeds=list(seeds), fractions=list(fractions), epochs=epochs,
-                    loss_config=loss_config if isinstance(loss_config, str) else loss_config.to_dict(), lora=lora,
-                    tasks=[t.name for t in tasks], tune_batch_size=tune_batch_size)
+    record = tuning.as_record()
+    batch = record.pop("tune_batch_size")  # key order as in results.json files written before
+    settings = dict(gamma=gamma, **record, lora=lora, tasks=[t.name for t in tasks], tune_batch_size=batch)
     res_file = out / "results.json"
     if res_file.exists():
         prev = json.loads(res_file.read_text())
@@ -282,19 +312,18 @@ def run_evaluation(
     records, spectra = [], {}
     for f in feats:
         sp: dict[str, list[float]] = {}
-        records += tune_and_score(f, gamma=gamma, methods=methods, seeds=seeds, fractions=fractions, epochs=epochs,
-                                  loss_config=loss_config, spectra=sp, batch_size=tune_batch_size)
+        records += tune_and_score(f, gamma=gamma, settings=tuning, spectra=sp)
         sp["backbone"] = spectrum_summary_values(next(iter(f["tests"].values()))[0])
         spectra[f["name"]] = sp
     if lora:
-        records += _lora_records(str(backbone_path), tasks, gamma, epochs=lora_epochs, seeds=seeds)
+        records += _lora_records(str(backbone_path), tasks, gamma, epochs=lora_epochs, seeds=tuning.seeds)
     bm = backbone_metrics(feats)
     # per-task points (backbone metric, LP accuracy at full data) for the Figure 3 scatter
     points: dict[str, list] = {"id_points": [], "ood_points": []}
     for f in feats:
         for dom in f["tests"]:
             accs = [r["accuracy"] for r in records if r["task"] == f["name"] and r["domain"] == dom
-                    and r["method"] == "lp" and r["fraction"] == max(fractions)]
+                    and r["method"] == "lp" and r["fraction"] == max(tuning.fractions)]
             if accs:
                 key = "sve" if f["kind"] == "id" else "lsvr"
                 points[f"{f['kind']}_points"].append((bm["per_test_set"][f"{f['name']}/{dom}"][key], sum(accs) / len(accs)))
@@ -367,10 +396,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise ValueError("--arch checkpoints carry no noise ratio; pass --gamma")
     else:
         gamma = float(torch.load(a.backbone, weights_only=False).get("noise", 0.0))
-    res = run_evaluation(a.backbone, tasks, a.out, gamma=gamma, methods=a.methods, seeds=a.seeds,
-                         fractions=a.fractions, epochs=a.epochs, loss_config=a.loss_preset, lora=a.lora,
-                         lora_epochs=a.lora_epochs, arch=a.arch,
-                         tune_batch_size=a.tune_batch_size, batch_size=a.batch_size, workers=a.workers)
+    tuning = TuneSettings(methods=a.methods, seeds=a.seeds, fractions=a.fractions, epochs=a.epochs,
+                          loss_config=a.loss_preset, batch_size=a.tune_batch_size)
+    res = run_evaluation(a.backbone, tasks, a.out, gamma=gamma, tuning=tuning, lora=a.lora,
+                         lora_epochs=a.lora_epochs, arch=a.arch, batch_size=a.batch_size, workers=a.workers)
     print((pathlib.Path(a.out) / "table.md").read_text())
     return res
 

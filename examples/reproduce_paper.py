@@ -164,10 +164,11 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                 f"({time.time() - t0:.0f} s)")
         stage("pretrain", t0)
         t0 = time.time()
+        tuning = ev.TuneSettings(seeds=s["seeds"], fractions=s["fractions"], epochs=s["tune_epochs"],
+                                 loss_config=a.loss_preset, batch_size=a.tune_batch_size)
         evals[gamma] = ev.run_evaluation(
-            pdir / "model.pt", tasks, out / "eval" / _tag(gamma), gamma=gamma, seeds=s["seeds"],
-            fractions=s["fractions"], epochs=s["tune_epochs"], loss_config=a.loss_preset, lora=a.lora,
-            feature_cache=out / "features" / _tag(gamma), tune_batch_size=a.tune_batch_size, workers=a.workers)
+            pdir / "model.pt", tasks, out / "eval" / _tag(gamma), gamma=gamma, tuning=tuning, lora=a.lora,
+            feature_cache=out / "features" / _tag(gamma), workers=a.workers)
         stage("evaluate", t0)
         log(f"evaluate gamma={gamma:g}: {len(evals[gamma]['records'])} records ({time.time() - t0:.0f} s)")
 

@@ -248,3 +248,12 @@ def test_reproduce_paper_tiny(tmp_path, monkeypatch):
     again = rp.main(["--tiny", "--out", str(out), "--no-progress"])
     assert {p: p.stat().st_mtime for p in out.glob("pretrain/*/model.pt")} == mtimes
     assert again["records"] == saved["records"]
+
+
+def test_tune_settings_validate_and_record() -> None:
+    settings = ev.TuneSettings(methods=["lp", "nmtune"], seeds=[1], loss_config="official", batch_size=64)
+    assert settings.methods == ("lp", "nmtune") and settings.seeds == (1,)
+    assert settings.as_record() == dict(methods=["lp", "nmtune"], seeds=[1], fractions=[1.0], epochs=30,
+                                        loss_config="official", tune_batch_size=64)
+    with pytest.raises(ValueError, match=r"methods must be a non-empty subset of \('lp', 'mlp', 'nmtune'\)"):
+        ev.TuneSettings(methods=["lora"])
