@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -69,9 +70,14 @@ def test_unknown_preset_and_fields():
 
 
 @pytest.mark.parametrize("preset", ["paper", "official"])
-@pytest.mark.parametrize(("m", "d"), [(24, 40), (40, 24), (16, 16)])  # M < D, M > D (D x D side), square
-def test_regularizer_matches_reference(preset, m, d):
+@pytest.mark.parametrize(
+    ("m", "d", "batch"), [(24, 40, ()), (40, 24, ()), (16, 16, ()), (7, 12, (3,)), (12, 7, (2, 2))]
+)  # M < D, M > D (the D x D side), square, and stacks of each side
+def test_regularizer_matches_reference(preset, m, d, batch):
     z, f = _zf(m=m, d=d)
+    if batch:  # independent matrices per stack entry
+        z = torch.stack([_zf(m=m, d=d, seed=i)[0] for i in range(math.prod(batch))]).reshape(*batch, m, d)
+        f = torch.stack([_zf(m=m, d=d, seed=i)[1] for i in range(math.prod(batch))]).reshape(*batch, m, d)
     cfg = NMTuneConfig.from_preset(preset)
     reg = NMTuneRegularizer(cfg)
     zr = z.clone().requires_grad_(True)
@@ -81,7 +87,9 @@ def test_regularizer_matches_reference(preset, m, d):
     def reference(t):
         mse = ref.consistency(t, f) / (t.shape[-1] if cfg.consistency == "element" else 1)
         return cfg.lambda_ * (
-            cfg.mse_weight * mse + cfg.cov_weight * ref.covariance(t) + cfg.svd_weight * ref.ratio(t, cfg.top_k)
+            cfg.mse_weight * mse
+            + cfg.cov_weight * ref.covariance(t).mean()
+            + cfg.svd_weight * ref.ratio(t, cfg.top_k).mean()  # stacks: the mean over matrices
         )
 
     zr2 = z.clone().requires_grad_(True)
