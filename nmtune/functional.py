@@ -151,12 +151,13 @@ def entropy_from_singular_values(sigma: Tensor) -> Tensor:
     """Singular value entropy ``-sum_i p_i log p_i`` (``0 log 0 = 0``)."""
     p = _normalised_spectrum(sigma)
     positive = p > 0
-    return -torch.where(positive, p * torch.log(torch.where(positive, p, 1.0)), 0.0).sum(dim=-1)
+    # ``0.0 - x`` rather than ``-x``: a point mass gives +0.0, not -0.0.
+    return 0.0 - torch.where(positive, p * torch.log(torch.where(positive, p, 1.0)), 0.0).sum(dim=-1)
 
 
 def lsvr_from_singular_values(sigma: Tensor) -> Tensor:
     """Largest singular value ratio ``-log(sigma_1 / sum_j sigma_j)``."""
-    return -torch.log(_normalised_spectrum(sigma)[..., 0])
+    return 0.0 - torch.log(_normalised_spectrum(sigma)[..., 0])  # +0.0 for rank one, not -0.0
 
 
 def spectrum_metrics(sigma: Tensor) -> dict[str, Tensor]:
@@ -205,7 +206,7 @@ def consistency_loss(
 
     Example:
         >>> f = torch.randn(32, 64)
-        >>> float(consistency_loss(f * 3.0, f))  # scale invariant
+        >>> round(float(consistency_loss(f * 3.0, f)), 6)  # scale invariant
         0.0
     """
     validate_features(z, "z", min_rows=1)
