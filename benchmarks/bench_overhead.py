@@ -106,7 +106,7 @@ def _lower_bound_parts(head: nn.Module, x: torch.Tensor) -> dict[str, Callable[[
     with torch.no_grad():
         z = head(x).features.float()
     rows = z.shape[-2] < z.shape[-1]
-    g = z @ z.mT if rows else z.mT @ z
+    g = _kernels.gram(z, rows)
 
     def floor() -> None:
         leaf = z.detach().requires_grad_()

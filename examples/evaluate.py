@@ -296,9 +296,7 @@ def run_evaluation(
     ``tuning`` says what is tuned on the cached features."""
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    record = tuning.as_record()
-    batch = record.pop("tune_batch_size")  # key order as in results.json files written before
-    settings = dict(gamma=gamma, **record, lora=lora, tasks=[t.name for t in tasks], tune_batch_size=batch)
+    settings = dict(gamma=gamma, **tuning.as_record(), lora=lora, tasks=[t.name for t in tasks])
     res_file = out / "results.json"
     if res_file.exists():
         prev = json.loads(res_file.read_text())

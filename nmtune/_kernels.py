@@ -245,6 +245,13 @@ def spectral_stats(
         return SpectralStats(sigma, _offdiag_centred(x) if covariance else None)
 
 
+def _inverse_row_norms(x: Tensor) -> Tensor:
+    """``1 / ||row||`` as ``(..., M, 1)``; zero for all-zero rows."""
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    nonzero = norm > 0
+    return torch.where(nonzero, 1.0 / torch.where(nonzero, norm, 1.0), 0.0)
+
+
 class _NormalizeRows(torch.autograd.Function):
     """``x / ||x||`` per row with a fused backward ``r (g - y <y, g>)``.
 
@@ -253,9 +260,7 @@ class _NormalizeRows(torch.autograd.Function):
 
     @staticmethod
     def forward(x: Tensor) -> Tensor:  # type: ignore[override]
-        sq = x.square().sum(dim=-1, keepdim=True)
-        nonzero = sq > 0
-        r = torch.where(nonzero, torch.rsqrt(torch.where(nonzero, sq, 1.0)), 0.0)
+        r = _inverse_row_norms(x)
         return x * r, r
 
     @staticmethod
@@ -270,13 +275,6 @@ class _NormalizeRows(torch.autograd.Function):
         y, r = ctx.saved_tensors
         dot = (y * grad).sum(dim=-1, keepdim=True)
         return r * torch.addcmul(grad, y, dot, value=-1.0)
-
-
-def _inverse_row_norms(x: Tensor) -> Tensor:
-    """``1 / ||row||`` as ``(..., M, 1)``; zero for all-zero rows."""
-    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    nonzero = norm > 0
-    return torch.where(nonzero, 1.0 / torch.where(nonzero, norm, 1.0), 0.0)
 
 
 class _RowDistance(torch.autograd.Function):

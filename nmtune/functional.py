@@ -224,7 +224,7 @@ def consistency_loss(
         validate_finite(f, "f")
     with torch.autocast(device_type=z.device.type, enabled=False):
         zc = _kernels.upcast(z, "float32")
-        dist = _kernels.row_distance(zc, _kernels.upcast(f.detach(), "float32").to(zc.dtype))
+        dist = _kernels.row_distance(zc, _kernels.upcast(f, "float32").to(zc.dtype))  # f detached there
         if mode == "element":
             dist = dist / z.shape[-1]
         if reduction == "mean":

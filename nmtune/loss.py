@@ -228,19 +228,16 @@ class NMTuneRegularizer(nn.Module):
         if cfg.check_finite:  # one host sync for both tensors
             NF.validate_finite(z, "z", also=f if cfg.uses_consistency else None, also_name="f")
 
-        zero = z.sum() * 0  # keeps every parameter behind z in the graph (DDP)
         zs = z
         if cfg.gather_distributed and (cfg.uses_covariance or cfg.uses_spectrum):
-            import torch.distributed as dist
+            from nmtune.distributed import all_gather_rows, is_distributed
 
-            if not (dist.is_available() and dist.is_initialized()):
+            if not is_distributed():
                 raise ValueError(
                     "gather_distributed=True needs an initialised torch.distributed process group "
                     "(torchrun + dist.init_process_group, or Accelerate); none is initialised"
                 )
-            from nmtune.distributed import all_gather_rows
-
-            sizes = [z.shape[-2]] * dist.get_world_size() if cfg.equal_local_batches else None
+            sizes = [z.shape[-2]] * torch.distributed.get_world_size() if cfg.equal_local_batches else None
             zs = all_gather_rows(z, sizes=sizes)
 
         if cfg.uses_spectrum or cfg.uses_covariance:  # one Gram product serves both
@@ -251,17 +248,18 @@ class NMTuneRegularizer(nn.Module):
             stats = _kernels.SpectralStats(None, None)
 
         mse = cov = svd = None
-        reg = zero
+        terms: list[Tensor] = []
         if cfg.uses_consistency:
             mse = NF.consistency_loss(z, f, mode=cfg.consistency, check_finite=False)  # type: ignore[arg-type]
-            reg = reg + cfg.mse_weight * mse.to(torch.promote_types(mse.dtype, torch.float32))
+            terms.append(cfg.mse_weight * mse.to(torch.promote_types(mse.dtype, torch.float32)))
         if stats.offdiag_energy is not None:
             cov = (stats.offdiag_energy / zs.shape[-1]).mean()
-            reg = reg + cfg.cov_weight * cov
+            terms.append(cfg.cov_weight * cov)
         if stats.singular_values is not None:
             svd = NF.ratio_from_singular_values(stats.singular_values, cfg.top_k).mean()
-            reg = reg + cfg.svd_weight * svd
-        reg = (cfg.lambda_ * reg).to(z.dtype)
+            terms.append(cfg.svd_weight * svd)
+        # With every term off, a zero that keeps each parameter behind z in the graph (DDP).
+        reg = (cfg.lambda_ * sum(terms[1:], terms[0])).to(z.dtype) if terms else z.sum() * 0
         if not return_components:
             return reg
 
@@ -270,7 +268,7 @@ class NMTuneRegularizer(nn.Module):
             if sigma is None:
                 sigma = _kernels.spectral_stats(zs.detach(), precision=cfg.precision, covariance=False).singular_values
             metrics = NF.spectrum_metrics(sigma.detach())  # type: ignore[union-attr]
-            zero_d = zero.detach().float()
+            zero_d = z.new_zeros((), dtype=torch.float32)
 
             def _d(t: Tensor | None) -> Tensor:
                 return zero_d if t is None else t.detach().float().reshape(())
