@@ -37,6 +37,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+SMALL_BATCH_POLICIES = ("error", "skip")
+
+
 @dataclass(frozen=True)
 class NMTuneConfig:
     """Validated configuration of the NMTune regularizers.
@@ -63,6 +66,15 @@ class NMTuneConfig:
             per-step shape exchange and its host sync. A broken promise is an
             error inside the collective (gloo) or a hang (NCCL), so leave it
             ``False`` when the last batch can be short.
+        small_batch: What a batch with fewer than 2 rows (the batch
+            statistics need 2; under ``gather_distributed`` the global batch
+            counts) gets: ``"error"`` (default: a ``ValueError``) or
+            ``"skip"`` (every regularizer term is skipped for that batch, the
+            value is a zero that keeps ``z`` in the graph, and
+            ``LossComponents.skipped`` is 1). The decision is made from shapes
+            only, so it costs no host sync. ``fit``, ``NMTuneTrainer`` and
+            ``wrap_lora`` models use ``"skip"`` so that a ragged last batch of
+            one row trains on its task loss instead of crashing.
 
     Example:
         >>> cfg = NMTuneConfig.from_preset("official", top_k=3)
@@ -80,6 +92,7 @@ class NMTuneConfig:
     check_finite: bool = True
     gather_distributed: bool = False
     equal_local_batches: bool = False
+    small_batch: str = "error"
 
     def __post_init__(self) -> None:
         for name in ("lambda_", "mse_weight", "cov_weight", "svd_weight"):
@@ -94,6 +107,8 @@ class NMTuneConfig:
         if self.consistency not in NF.CONSISTENCY_MODES:
             raise ValueError(f"consistency must be one of {NF.CONSISTENCY_MODES}; got {self.consistency!r}")
         NF.validate_precision(self.precision)
+        if self.small_batch not in SMALL_BATCH_POLICIES:
+            raise ValueError(f"small_batch must be one of {SMALL_BATCH_POLICIES}; got {self.small_batch!r}")
         for name in ("check_finite", "gather_distributed", "equal_local_batches"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool; got {getattr(self, name)!r}")
@@ -159,7 +174,10 @@ class LossComponents:
     ``loss`` is the differentiable total; every other field is a detached
     0-dim tensor (no host sync: call ``.item()`` only when you log).
     Unweighted terms are reported (``consistency`` is ``L_MSE`` before
-    ``lambda_ * mse_weight``); disabled terms are zero.
+    ``lambda_ * mse_weight``); disabled terms are zero. ``skipped`` is 1 when
+    the batch was too small for the regularizers and ``small_batch="skip"``
+    skipped them (every term, SVE and LSVR are then 0), else 0: summing it
+    over steps counts the skipped batches without a host sync.
     """
 
     loss: Tensor
@@ -170,6 +188,7 @@ class LossComponents:
     singular_value: Tensor
     sve: Tensor
     lsvr: Tensor
+    skipped: Tensor
 
     def as_dict(self) -> dict[str, Tensor]:
         """The detached fields by name (``loss`` detached too)."""
@@ -214,22 +233,19 @@ class NMTuneRegularizer(nn.Module):
                 ``task`` zero) instead of the scalar.
         """
         cfg = self.config
-        NF.validate_features(z, "z")
+        gathers = cfg.gather_distributed and (cfg.uses_covariance or cfg.uses_spectrum)
+        # Under "skip" (or a gather, where the global batch decides) one local row is not an error here.
+        NF.validate_features(z, "z", min_rows=1 if cfg.small_batch == "skip" or gathers else 2)
         if cfg.uses_consistency:
             if f is None:
                 raise ValueError(
                     "the consistency term needs the reference features f (got None); pass f or set mse_weight=0"
                 )
-            NF.validate_features(f, "f")
+            NF.validate_features(f, "f", min_rows=1)
             if f.shape != z.shape:
                 raise ValueError(f"z and f must have the same shape; got z {tuple(z.shape)} and f {tuple(f.shape)}")
-        if cfg.uses_spectrum:
-            NF.validate_top_k(cfg.top_k, z.shape)
-        if cfg.check_finite:  # one host sync for both tensors
-            NF.validate_finite(z, "z", also=f if cfg.uses_consistency else None, also_name="f")
-
         zs = z
-        if cfg.gather_distributed and (cfg.uses_covariance or cfg.uses_spectrum):
+        if gathers:
             from nmtune.distributed import all_gather_rows, is_distributed
 
             if not is_distributed():
@@ -239,6 +255,14 @@ class NMTuneRegularizer(nn.Module):
                 )
             sizes = [z.shape[-2]] * torch.distributed.get_world_size() if cfg.equal_local_batches else None
             zs = all_gather_rows(z, sizes=sizes)
+        if zs.shape[-2] < 2:
+            if cfg.small_batch == "skip":
+                return self._skipped(z, return_components)
+            NF.validate_features(zs, "z" if zs is z else "the gathered global batch of z")
+        if cfg.uses_spectrum:
+            NF.validate_top_k(cfg.top_k, zs.shape)
+        if cfg.check_finite:  # one host sync for both tensors
+            NF.validate_finite(z, "z", also=f if cfg.uses_consistency else None, also_name="f")
 
         if cfg.uses_spectrum or cfg.uses_covariance:  # one Gram product serves both
             stats = _kernels.spectral_stats(
@@ -282,7 +306,20 @@ class NMTuneRegularizer(nn.Module):
                 singular_value=_d(svd),
                 sve=metrics["sve"].mean().float(),
                 lsvr=metrics["lsvr"].mean().float(),
+                skipped=zero_d,
             )
+
+    @staticmethod
+    def _skipped(z: Tensor, return_components: bool) -> Tensor | LossComponents:
+        """A batch too small for the statistics under ``small_batch="skip"``."""
+        reg = z.sum() * 0  # keeps every parameter behind z in the graph (DDP)
+        if not return_components:
+            return reg
+        zero = z.new_zeros((), dtype=torch.float32)
+        return LossComponents(
+            loss=reg, task=zero, regularizer=zero, consistency=zero, covariance=zero,
+            singular_value=zero, sve=zero, lsvr=zero, skipped=torch.ones_like(zero),
+        )
 
 
 class NMTuneLoss(nn.Module):
