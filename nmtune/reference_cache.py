@@ -53,10 +53,27 @@ _SAMPLES_PER_TENSOR = 64
 
 
 # ----------------------------------------------------------------------------- fingerprint
+def _unwrap(model: nn.Module) -> nn.Module:
+    """Strip DDP / DataParallel / torch.compile wrappers."""
+    for _ in range(8):
+        inner = getattr(model, "module", None) if type(model).__name__ in ("DistributedDataParallel", "DataParallel") \
+            else getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            break
+        model = inner
+    return model
+
+
 def _is_lora_model(model: nn.Module) -> bool:
-    from nmtune.lora import NMTuneLoraModel, _unwrap
+    from nmtune.lora import NMTuneLoraModel
 
     return isinstance(_unwrap(model), NMTuneLoraModel)
+
+
+def _merged_lora_layers(model: nn.Module) -> list[str]:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [type(m).__name__ for m in model.modules() if isinstance(m, BaseTunerLayer) and getattr(m, "merged", False)]
 
 
 def _frozen_tensors(model: nn.Module) -> list[tuple[str, Tensor]]:
@@ -79,8 +96,6 @@ def _sample_bytes(t: Tensor) -> bytes:
 
 
 def _reference_settings(model: nn.Module) -> dict[str, Any]:
-    from nmtune.lora import _unwrap
-
     inner = _unwrap(model)
     if not _is_lora_model(inner):
         return {"class": type(inner).__name__}
@@ -123,8 +138,6 @@ def model_fingerprint(model: nn.Module) -> dict[str, str]:
         >>> model_fingerprint(net)["weights"] == fp["weights"]
         False
     """
-    from nmtune.lora import _unwrap
-
     inner = _unwrap(model)
     target = inner.base_model if _is_lora_model(inner) else inner
     tensors = _frozen_tensors(target)
@@ -144,8 +157,6 @@ def model_fingerprint(model: nn.Module) -> dict[str, str]:
 
 def _check_deterministic(model: nn.Module) -> None:
     """Refuse a model whose reference path is random or depends on the batch."""
-    from nmtune.lora import _lora_layers, _unwrap
-
     inner = _unwrap(model)
     if _is_lora_model(inner):
         if not inner.reference_eval:
@@ -154,7 +165,7 @@ def _check_deterministic(model: nn.Module) -> None:
                 "batch statistics), so F is not a function of the example and cannot be cached; wrap it with "
                 "reference_eval=True"
             )
-        merged = [type(m).__name__ for m in _lora_layers(inner.peft_model) if getattr(m, "merged", False)]
+        merged = _merged_lora_layers(inner.peft_model)
         if merged:
             raise ValueError(
                 f"{len(merged)} LoRA layer(s) have merged adapters: disable_adapter() no longer gives the pre-trained "
@@ -605,9 +616,9 @@ class ReferenceCache:
             model: An :class:`nmtune.NMTuneLoraModel` (``F`` = its features with the
                 adapter disabled, in eval mode), or a frozen reference model in eval
                 mode together with ``features_fn``.
-            batches: Dict batches (``key`` names the index column, the rest is passed
-                to the model as keyword arguments) or tuples (``key`` is the position
-                of the keys; the model gets ``batch[0]``).
+            batches: Dict batches (``key`` names the index column; the rest, label
+                columns aside, is passed to the model as keyword arguments) or tuples
+                (``key`` is the position of the keys; the model gets ``batch[0]``).
             key: The index column (dicts) or position (tuples).
             features_fn: ``(model, inputs) -> F`` for models other than
                 ``NMTuneLoraModel``.
@@ -694,10 +705,11 @@ def _split_batch(batch: Any, key: str | int) -> tuple[Any, Any]:
     raise TypeError(f"batches must be dicts (key = column name) or tuples (key = position); got {type(batch).__name__}")
 
 
+_LABEL_COLUMNS = ("labels", "label", "label_ids")
+
+
 def _lora_reference(model: nn.Module, inputs: Any) -> Tensor:
     """``F`` of an ``NMTuneLoraModel``: its features with the adapter disabled, in eval mode."""
-    from nmtune.lora import _unwrap
-
     inner = _unwrap(model)
     if not _is_lora_model(inner):
         raise TypeError(
@@ -708,9 +720,10 @@ def _lora_reference(model: nn.Module, inputs: Any) -> Tensor:
     inner.eval()
     try:
         with inner.peft_model.disable_adapter():
-            out = inner(**inputs, compute_reference=False) if isinstance(inputs, Mapping) else inner(
-                inputs, compute_reference=False
-            )
+            if isinstance(inputs, Mapping):  # the model takes no labels: they are the loss's
+                out = inner(**{k: v for k, v in inputs.items() if k not in _LABEL_COLUMNS}, compute_reference=False)
+            else:
+                out = inner(inputs, compute_reference=False)
     finally:
         inner.train(was_training)
     return out.features
