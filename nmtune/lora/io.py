@@ -123,9 +123,9 @@ def load_lora(
         ...     return BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
         ...                                 intermediate_size=64))
         >>> trained = wrap_lora(base(), num_classes=2)
-        >>> folder = tempfile.mkdtemp()
-        >>> trained.save_pretrained(folder)
-        >>> again = load_lora(base(), folder).eval()
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     trained.save_pretrained(folder)
+        ...     again = load_lora(base(), folder).eval()
         >>> again.head.out_features
         2
     """
