@@ -19,7 +19,7 @@ from nmtune.lora._utils import (
     place_like,
     unwrap_model,
 )
-from nmtune.lora.adapters import adapter_for
+from nmtune.lora.adapters import ModelAdapter, adapter_for
 from nmtune.lora.model import NMTuneLoraModel
 
 __all__ = ["wrap_lora"]
@@ -63,6 +63,38 @@ def _check_arguments(
         )
 
 
+def _split_peft(model: nn.Module) -> tuple[nn.Module | None, nn.Module]:
+    """``(peft_model or None, base model)``; an existing PeftModel must hold one unmerged LoRA adapter."""
+    peft = import_peft()
+    if not isinstance(model, peft.PeftModel):
+        return None, model
+    if len(model.peft_config) != 1:
+        raise ValueError(f"wrap_lora expects a PeftModel with one adapter; got {sorted(model.peft_config)}")
+    check_lora_config(model.peft_config[model.active_adapter])
+    check_not_merged(lora_layers(model))
+    return model, model.get_base_model()
+
+
+def _new_lora_config(
+    adapter: ModelAdapter, base: nn.Module, own: nn.Module | None, r: int, alpha: float | None,
+    dropout: float, target_modules: Any, lora_kwargs: dict[str, Any],
+) -> Any:
+    """A ``peft.LoraConfig`` from wrap_lora's arguments; ``own`` is the model's own head to train, if any."""
+    kw = {**adapter.lora_defaults(base), **lora_kwargs}
+    check_init_and_bias(kw.get("init_lora_weights"), kw.get("bias"))
+    name = module_name(base, own) if own is not None else None
+    if name:
+        kw["modules_to_save"] = list(kw.get("modules_to_save") or []) + [name]
+    targets = adapter.default_target_modules(base) if target_modules is None else target_modules
+    return import_peft().LoraConfig(
+        r=r,
+        lora_alpha=float(r if alpha is None else alpha),
+        lora_dropout=float(dropout),
+        target_modules=list(targets) if isinstance(targets, (list, tuple)) else targets,
+        **kw,
+    )
+
+
 def wrap_lora(
     model: nn.Module,
     *,
@@ -103,12 +135,12 @@ def wrap_lora(
             trained and saved with the adapter; otherwise the model's own head.
         pooling: transformers models: ``"cls"``, ``"mean"`` (attention-masked),
             ``"last"`` (last non-pad token), ``"pooler"`` (the model's own
-            pooler) or ``"auto"``: the
-            pooling the checkpoint folder declares (sentence-transformers'
-            ``modules.json`` / ``1_Pooling/config.json``), else the model's
-            pooler if it has one (encoders), else ``"last"`` for decoders and
-            ``"cls"`` for encoders; or a callable ``(hidden, attention_mask)
-            -> (B, D)``. timm models: ``"auto"`` (pre-logits features).
+            pooler), a callable ``(hidden, attention_mask) -> (B, D)``, or
+            ``"auto"``: the pooling the checkpoint folder declares
+            (sentence-transformers' ``modules.json`` / ``1_Pooling/config.json``),
+            else the model's pooler if it has one (encoders), else ``"last"``
+            for decoders and ``"cls"`` for encoders. timm models: ``"auto"``
+            (pre-logits features).
         config: An ``NMTuneConfig`` or preset name; when its consistency term is
             off (``mse_weight == 0`` or ``lambda_ == 0``) the reference is skipped.
         compute_reference: Force the reference on or off (overrides ``config``).
@@ -160,17 +192,7 @@ def wrap_lora(
         check_bool(name, flag)
     with_reference = _resolve_reference(config, compute_reference)
 
-    if isinstance(model, peft.PeftModel):
-        peft_model = model
-        if len(peft_model.peft_config) != 1:
-            raise ValueError(
-                f"wrap_lora expects a PeftModel with one adapter; got {sorted(peft_model.peft_config)}"
-            )
-        check_lora_config(peft_model.peft_config[peft_model.active_adapter])
-        check_not_merged(lora_layers(peft_model))
-        base = peft_model.get_base_model()
-    else:
-        peft_model, base = None, model
+    peft_model, base = _split_peft(model)
 
     # validate everything before get_peft_model changes the model in place
     adapter = adapter_for(base)
@@ -184,20 +206,8 @@ def wrap_lora(
 
     if peft_model is None:
         if lora_config is None:
-            kw = {**adapter.lora_defaults(base), **lora_kwargs}
-            check_init_and_bias(kw.get("init_lora_weights"), kw.get("bias"))
-            if head is None and train_own_head:
-                name = module_name(base, own) if own is not None else None
-                if name:
-                    kw["modules_to_save"] = list(kw.get("modules_to_save") or []) + [name]
-            targets = adapter.default_target_modules(base) if target_modules is None else target_modules
-            lora_config = peft.LoraConfig(
-                r=r,
-                lora_alpha=float(r if alpha is None else alpha),
-                lora_dropout=float(dropout),
-                target_modules=list(targets) if isinstance(targets, (list, tuple)) else targets,
-                **kw,
-            )
+            owned = None if head is not None or not train_own_head else own
+            lora_config = _new_lora_config(adapter, base, owned, r, alpha, dropout, target_modules, lora_kwargs)
         check_lora_config(lora_config)
         peft_model = peft.get_peft_model(base, lora_config)
 
