@@ -25,8 +25,6 @@ from nmtune.lora import load_lora, wrap_lora  # noqa: E402
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
 
-
-
 def _base(seed: int = 0) -> BertModel:
     torch.manual_seed(seed)
     cfg = BertConfig(
@@ -45,8 +43,8 @@ def _model(config="paper", seed: int = 0):
     return model
 
 
-def _data(n: int = 16) -> list[dict[str, torch.Tensor]]:
-    g = torch.Generator().manual_seed(0)
+def _data(n: int = 16, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
     return [
         {"input_ids": torch.randint(1, 100, (8,), generator=g), "attention_mask": torch.ones(8, dtype=torch.long),
          "labels": torch.tensor(i % 3)}
@@ -219,3 +217,141 @@ def test_missing_reference_with_consistency_term_is_refused(tmp_path: Path) -> N
         trainer.compute_loss(model, _collate(_data(8)))
     quiet = NMTuneTrainer(model=model, args=_args(tmp_path), train_dataset=_data())
     assert quiet.nmtune_loss.config.lambda_ == 0.0  # takes the config the model was wrapped with
+
+
+# ----------------------------------------------------------------------------- ragged batches, logging
+def test_ragged_last_batches_train_evaluate_and_predict_every_row(tmp_path: Path) -> None:
+    """17 rows at batch 16 and 33 eval rows at batch 32: a last batch of one row is normal."""
+    model = _model()
+    trainer = NMTuneTrainer(
+        model=model, train_dataset=_data(17), eval_dataset=_data(33, seed=1), data_collator=_collate,
+        args=_args(tmp_path, per_device_train_batch_size=16, per_device_eval_batch_size=32, max_steps=-1,
+                   num_train_epochs=1, logging_steps=1),
+    )
+    assert trainer.nmtune_loss.config.small_batch == "skip"
+    head_before = model.head.weight.detach().clone()
+    trainer.train()
+    steps = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["step"] for h in steps] == [1, 2]
+    assert [h["nmtune_skipped_batches"] for h in steps] == [0, 1]
+    assert steps[1]["nmtune_regularizer"] == 0.0 and steps[1]["nmtune_task"] > 0  # task loss only for that row
+    assert steps[1]["loss"] == pytest.approx(steps[1]["nmtune_task"], rel=1e-4)
+    assert not torch.equal(model.head.weight, head_before)
+    final = trainer.state.log_history[-1]
+    assert final["train_nmtune_skipped_batches"] == 1
+
+    metrics = trainer.evaluate()
+    assert metrics["eval_nmtune_skipped_batches"] == 1
+    assert metrics["eval_nmtune_task"] + metrics["eval_nmtune_regularizer"] == pytest.approx(
+        metrics["eval_loss"], rel=1e-5
+    )
+    pred = trainer.predict(_data(33, seed=1))
+    assert pred.predictions.shape == (33, 3)  # no sample dropped
+    assert pred.metrics["test_nmtune_skipped_batches"] == 1
+
+
+def test_predict_does_not_leak_into_the_next_evaluate(tmp_path: Path) -> None:
+    model = _model().eval()
+    trainer = NMTuneTrainer(model=model, args=_args(tmp_path), eval_dataset=_data(8), data_collator=_collate)
+    clean = trainer.evaluate()
+    other = [dict(r, input_ids=r["input_ids"].flip(0)) for r in _data(24, seed=5)]
+    pred = trainer.predict(other)
+    assert pred.metrics["test_nmtune_task"] != pytest.approx(clean["eval_nmtune_task"])
+    again = trainer.evaluate()
+    for name in LOGGED_COMPONENTS:
+        assert again[f"eval_nmtune_{name}"] == pytest.approx(clean[f"eval_nmtune_{name}"], rel=1e-6, abs=1e-9), name
+
+
+def test_eval_terms_are_row_weighted_and_add_up_to_eval_loss(tmp_path: Path) -> None:
+    model = _model().eval()
+    trainer = NMTuneTrainer(
+        model=model, args=_args(tmp_path, per_device_eval_batch_size=8), eval_dataset=_data(12, seed=2),
+        data_collator=_collate,
+    )
+    metrics = trainer.evaluate()  # batches of 8 and 4 rows
+    assert metrics["eval_nmtune_task"] + metrics["eval_nmtune_regularizer"] == pytest.approx(
+        metrics["eval_loss"], rel=1e-5
+    )
+    crit = NMTuneLoss("paper", small_batch="skip")
+    rows = _data(12, seed=2)
+    parts = []
+    with torch.no_grad():
+        for chunk in (rows[:8], rows[8:]):
+            b = _collate(chunk)
+            out = model(**{k: v for k, v in b.items() if k != "labels"})
+            parts.append((len(chunk), crit(out.logits, b["labels"], out.features, out.reference,
+                                           return_components=True)))
+    for name in LOGGED_COMPONENTS:
+        weighted = sum(n * getattr(c, name).item() for n, c in parts) / 12
+        assert metrics[f"eval_nmtune_{name}"] == pytest.approx(weighted, rel=1e-4, abs=1e-6), name
+
+
+def test_a_run_shorter_than_logging_steps_still_logs_the_terms(tmp_path: Path) -> None:
+    trainer = NMTuneTrainer(
+        model=_model(), args=_args(tmp_path, max_steps=2, logging_steps=50), train_dataset=_data(),
+        data_collator=_collate,
+    )
+    result = trainer.train()
+    final = trainer.state.log_history[-1]
+    assert "train_loss" in final
+    for name in LOGGED_COMPONENTS:
+        assert f"train_nmtune_{name}" in final, name
+    assert final["train_nmtune_task"] + final["train_nmtune_regularizer"] == pytest.approx(
+        result.training_loss, rel=1e-4
+    )
+    assert final["train_nmtune_skipped_batches"] == 0
+
+
+def test_plain_transformers_trainer_points_to_nmtune_trainer(tmp_path: Path) -> None:
+    from transformers import Trainer
+
+    trainer = Trainer(model=_model(), args=_args(tmp_path), train_dataset=_data(), data_collator=_collate)
+    with pytest.raises(ValueError, match="nmtune.integrations.NMTuneTrainer"):
+        trainer.train()
+
+
+def test_hand_written_loop_over_a_ragged_dataset(tmp_path: Path) -> None:
+    """A wrap_lora model in a plain loop: small_batch="skip" trains the last row on its task loss."""
+    model = _model()
+    loader = torch.utils.data.DataLoader(_data(17), batch_size=16, collate_fn=_collate)
+    crit = NMTuneLoss(small_batch="skip")
+    opt = torch.optim.SGD([p for _, p in model.trainable_parameters()], lr=0.1)
+    skipped, rows = torch.zeros(()), 0
+    model.train()
+    for batch in loader:
+        labels = batch.pop("labels")
+        out = model(**batch)
+        comp = crit(out.logits, labels, out.features, out.reference, return_components=True)
+        opt.zero_grad()
+        comp.loss.backward()
+        assert model.head.weight.grad.abs().sum() > 0  # every batch trains, the one-row batch too
+        opt.step()
+        skipped += comp.skipped
+        rows += labels.shape[0]
+    assert rows == 17 and skipped.item() == 1
+    with pytest.raises(ValueError, match="z has 1 row"):  # the default keeps its clear error
+        out = model(**{k: v for k, v in _collate(_data(1)).items() if k != "labels"})
+        NMTuneLoss()(out.logits, torch.tensor([0]), out.features, out.reference)
+
+
+def test_bad_trainer_inputs_get_clear_errors(tmp_path: Path) -> None:
+    model = _model()
+    with pytest.raises(TypeError, match="nmtune_config must be an NMTuneConfig, a preset name or None; got int"):
+        NMTuneTrainer(model=model, args=_args(tmp_path), train_dataset=_data(), nmtune_config=3)
+    with pytest.raises(ValueError, match="unknown preset|preset"):
+        NMTuneTrainer(model=model, args=_args(tmp_path), train_dataset=_data(), nmtune_config="papr")
+    with pytest.raises(TypeError, match="reference_key_column must be a column name"):
+        NMTuneTrainer(model=model, args=_args(tmp_path), train_dataset=_data(), reference_key_column=5)
+    with pytest.raises(TypeError, match="task_loss must be callable"):
+        NMTuneTrainer(model=model, args=_args(tmp_path), train_dataset=_data(), task_loss="ce")
+    trainer = NMTuneTrainer(model=model, args=_args(tmp_path), train_dataset=_data())
+    batch = _collate(_data(8))
+    with pytest.raises(ValueError, match="needs `labels` in each batch"):
+        trainer.compute_loss(model, {k: v for k, v in batch.items() if k != "labels"})
+
+    class NoFeatures(torch.nn.Module):
+        def forward(self, input_ids=None, attention_mask=None):
+            return {"logits": torch.zeros(input_ids.shape[0], 3)}
+
+    with pytest.raises(TypeError, match="needs a model whose output has tensors `logits` and `features`"):
+        trainer.compute_loss(NoFeatures(), batch)

@@ -3,12 +3,13 @@
 A drop-in ``Trainer`` whose ``compute_loss`` adds the NMTune regularizers to the
 task loss of a model that returns ``logits``, ``features`` (Z) and ``reference``
 (F), such as :func:`nmtune.wrap_lora`'s. The loss terms are accumulated on the
-device, detached, and their means are logged on the Trainer's logging steps only
-(one host sync per log, none per step). ``pip install "nmtune[lora]"``.
+device, detached, and logged on the Trainer's logging steps only (one host sync
+per log, none per step). ``pip install "nmtune[lora]"``.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Any
 
@@ -20,13 +21,15 @@ try:
 except ModuleNotFoundError as err:  # pragma: no cover - exercised only without the extra
     raise ModuleNotFoundError('NMTuneTrainer needs the "transformers" package: pip install "nmtune[lora]"') from err
 
-from nmtune.lora import NMTuneLoraModel, _unwrap
+from nmtune.lora import NMTuneLoraModel, unwrap_model
 from nmtune.loss import NMTuneConfig, NMTuneLoss
 
 __all__ = ["NMTuneTrainer", "LOGGED_COMPONENTS"]
 
 LOGGED_COMPONENTS = ("task", "regularizer", "consistency", "covariance", "singular_value", "sve", "lsvr")
 """Fields of :class:`nmtune.LossComponents` that :class:`NMTuneTrainer` logs."""
+
+_SPLITS = ("train", "train_total", "eval")
 
 
 def _unpack(outputs: Any) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -46,6 +49,17 @@ def _unpack(outputs: Any) -> tuple[Tensor, Tensor, Tensor | None]:
     return logits, features, get("reference")
 
 
+def _trainer_config(config: Any, inner: NMTuneLoraModel | None) -> NMTuneConfig:
+    """The loss config: given, else the wrapped model's, else "paper"; always ``small_batch="skip"``."""
+    if config is None:
+        config = (inner.nmtune_config if inner is not None else None) or "paper"
+    if isinstance(config, str):
+        config = NMTuneConfig.from_preset(config)
+    if not isinstance(config, NMTuneConfig):
+        raise TypeError(f"nmtune_config must be an NMTuneConfig, a preset name or None; got {type(config).__name__}")
+    return config.replace(small_batch="skip")
+
+
 class NMTuneTrainer(Trainer):
     """transformers ``Trainer`` with the NMTune loss.
 
@@ -53,8 +67,21 @@ class NMTuneTrainer(Trainer):
     + w_cov L_COV(Z) + w_svd L_SVD(Z))`` with :class:`nmtune.NMTuneLoss`. The loss
     is a per-batch mean (the regularizers are batch statistics), so the Trainer
     divides it by the gradient-accumulation steps; ``num_items_in_batch`` is
-    accepted and not used. Each term is logged as ``nmtune_<term>`` (training) and
-    ``eval_nmtune_<term>`` (evaluation), averaged over the steps since the last log.
+    accepted and not used.
+
+    A batch of one row (a ragged last batch: 17 rows at batch size 16) trains on its
+    task loss only: the config is used with ``small_batch="skip"``, so the
+    regularizers skip that batch, and the skips are counted in the logs
+    (``nmtune_skipped_batches``). No sample is dropped.
+
+    Logs: each term as ``nmtune_<term>`` on the logging steps (mean over the batches
+    since the last log), ``train_nmtune_<term>`` with the final ``train_loss`` (mean
+    over the whole run, so a run shorter than ``logging_steps`` logs them too), and
+    ``<prefix>_nmtune_<term>`` in the metrics of ``evaluate()`` (``eval_``) and
+    ``predict()`` (``test_``), weighted by batch rows as ``eval_loss`` is, so
+    ``eval_nmtune_task + eval_nmtune_regularizer == eval_loss``. Each evaluation
+    and prediction counts only its own batches.
+
     Checkpoints of an :class:`nmtune.NMTuneLoraModel` hold only the adapter and the
     head (:meth:`NMTuneLoraModel.save_pretrained`) and resume from them.
 
@@ -63,6 +90,14 @@ class NMTuneTrainer(Trainer):
         nmtune_config: ``NMTuneConfig`` or preset name; ``None`` takes the config
             the model was wrapped with, else ``"paper"``.
         task_loss: ``callable(logits, labels) -> scalar``; default cross-entropy.
+        reference_key_column: The dataset column holding one integer key per
+            example (e.g. ``"idx"``) for the model's reference cache
+            (:meth:`NMTuneLoraModel.set_reference_cache`): it is kept by
+            ``remove_unused_columns``, taken out of each training batch and passed
+            as ``reference_keys``. Evaluation and prediction bypass the cache
+            (their keys are not training keys). The cache's ``hits`` and
+            ``misses`` (if it has them) are logged as ``nmtune_cache_hits`` /
+            ``nmtune_cache_misses``.
         **kwargs: As for ``transformers.Trainer``.
 
     Example:
@@ -80,40 +115,69 @@ class NMTuneTrainer(Trainer):
         *args: Any,
         nmtune_config: NMTuneConfig | str | None = None,
         task_loss: Any = None,
+        reference_key_column: str | None = None,
         **kwargs: Any,
     ) -> None:
+        if reference_key_column is not None and (not isinstance(reference_key_column, str) or not reference_key_column):
+            raise TypeError(f"reference_key_column must be a column name (str) or None; got {reference_key_column!r}")
+        self.reference_key_column = reference_key_column
         super().__init__(*args, **kwargs)
-        if nmtune_config is None:
-            inner = self._nmtune_model()
-            saved = inner._meta.get("nmtune_config") if inner is not None else None
-            nmtune_config = NMTuneConfig.from_dict(saved) if saved else "paper"
-        self.nmtune_loss = NMTuneLoss(nmtune_config, task_loss=task_loss)
+        self.nmtune_loss = NMTuneLoss(_trainer_config(nmtune_config, self._nmtune_model()), task_loss=task_loss)
         # never forward num_items_in_batch to the model, never expect a pre-scaled loss
         self.model_accepts_loss_kwargs = False
-        self._nmtune_sums: dict[str, Tensor | None] = {"train": None, "eval": None}
-        self._nmtune_counts: dict[str, int] = {"train": 0, "eval": 0}
+        self._nmtune_sums: dict[str, Tensor | None] = dict.fromkeys(_SPLITS)
+        self._nmtune_counts: dict[str, int] = dict.fromkeys(_SPLITS, 0)
 
     # -- helpers --------------------------------------------------------------------------
     def _nmtune_model(self) -> NMTuneLoraModel | None:
-        model = _unwrap(self.accelerator.unwrap_model(self.model)) if hasattr(self, "accelerator") else self.model
+        model = self.model
+        if hasattr(self, "accelerator"):
+            model = self.accelerator.unwrap_model(model)
+        model = unwrap_model(model)
         return model if isinstance(model, NMTuneLoraModel) else None
 
-    def _accumulate(self, split: str, comp: Any) -> None:
-        values = torch.stack([getattr(comp, name).detach().float() for name in LOGGED_COMPONENTS])
-        total = self._nmtune_sums[split]
-        self._nmtune_sums[split] = values if total is None else total + values
-        self._nmtune_counts[split] += 1
+    def _accumulate(self, splits: tuple[str, ...], comp: Any, rows: int) -> None:
+        """Add ``[rows * terms..., rows, skipped]`` to each split's device-side sum (no host sync)."""
+        terms = torch.stack([getattr(comp, name).detach().float() for name in LOGGED_COMPONENTS])
+        weight = terms.new_tensor([float(rows)])
+        values = torch.cat([terms * weight, weight, comp.skipped.detach().float().reshape(1)])
+        for split in splits:
+            total = self._nmtune_sums[split]
+            self._nmtune_sums[split] = values if total is None else total + values
+            self._nmtune_counts[split] += 1
+
+    def _reset(self, split: str) -> None:
+        self._nmtune_sums[split], self._nmtune_counts[split] = None, 0
 
     def _flush(self, split: str, logs: dict[str, float], prefix: str) -> None:
-        total, count = self._nmtune_sums[split], self._nmtune_counts[split]
-        self._nmtune_sums[split], self._nmtune_counts[split] = None, 0
-        if total is None or count == 0:
+        """Write ``split``'s weighted means (and skip count) into ``logs`` and reset it."""
+        total = self._nmtune_sums[split]
+        self._reset(split)
+        distributed = self.accelerator.num_processes > 1
+        if total is None:
+            if not distributed:
+                return
+            total = torch.zeros(len(LOGGED_COMPONENTS) + 2, device=self.args.device)  # every rank joins the reduce
+        if distributed:
+            total = self.accelerator.reduce(total, reduction="sum")
+        values = total.tolist()  # the one host sync per log
+        weight, skipped = values[-2], values[-1]
+        if weight <= 0:
             return
-        means = total / count
+        for name, value in zip(LOGGED_COMPONENTS, values):
+            logs[f"{prefix}{name}"] = round(value / weight, 6)
+        logs[f"{prefix}skipped_batches"] = int(skipped)
+
+    def _log_cache(self, logs: dict[str, float]) -> None:
+        inner = self._nmtune_model()
+        cache = inner.reference_cache if inner is not None else None
+        counts = [getattr(cache, name, None) for name in ("hits", "misses")]
+        if cache is None or any(c is None for c in counts):
+            return
+        stats = torch.tensor([float(c) for c in counts], device=self.args.device)
         if self.accelerator.num_processes > 1:
-            means = self.accelerator.reduce(means, reduction="mean")
-        for name, value in zip(LOGGED_COMPONENTS, means.tolist()):  # the one host sync per log
-            logs[f"{prefix}{name}"] = round(value, 6)
+            stats = self.accelerator.reduce(stats, reduction="sum")
+        logs["nmtune_cache_hits"], logs["nmtune_cache_misses"] = (int(v) for v in stats.tolist())
 
     # -- Trainer hooks ----------------------------------------------------------------------
     def compute_loss(
@@ -127,7 +191,8 @@ class NMTuneTrainer(Trainer):
 
         Args:
             model: The (possibly DDP-wrapped) model.
-            inputs: The batch; ``labels`` is taken out and the rest passed to the model.
+            inputs: The batch; ``labels`` (and the reference key column) are taken
+                out and the rest passed to the model.
             return_outputs: Also return ``{"logits": ...}`` (for evaluation).
             num_items_in_batch: Accepted for the Trainer's signature; unused, as the
                 loss is a per-batch mean.
@@ -137,6 +202,17 @@ class NMTuneTrainer(Trainer):
         labels = inputs.pop("labels", None)
         if labels is None:
             raise ValueError(f"NMTuneTrainer needs `labels` in each batch; got keys {sorted(inputs)}")
+        column = self.reference_key_column
+        if column is not None:
+            keys = inputs.pop(column, None)
+            if not model.training:
+                inputs["use_reference_cache"] = False  # evaluation keys are not training keys
+            elif keys is None:
+                raise ValueError(
+                    f"reference_key_column={column!r} but the batch has no such column; got keys {sorted(inputs)}"
+                )
+            else:
+                inputs["reference_keys"] = keys
         outputs = model(**inputs)
         logits, features, reference = _unpack(outputs)
         if reference is None and self.nmtune_loss.config.uses_consistency:
@@ -145,30 +221,55 @@ class NMTuneTrainer(Trainer):
                 "features; wrap the model with compute_reference=True or use a config with mse_weight=0"
             )
         comp = self.nmtune_loss(logits, labels, features, reference, return_components=True)
-        self._accumulate("train" if model.training else "eval", comp)
+        self._accumulate(("train", "train_total") if model.training else ("eval",), comp, logits.shape[0])
         if return_outputs:
             return comp.loss, {"logits": logits}
         return comp.loss
 
+    def prediction_step(
+        self, model: nn.Module, inputs: dict[str, Any], prediction_loss_only: bool, ignore_keys: Any = None
+    ) -> Any:
+        """As ``Trainer.prediction_step``; the reference key column is dropped and the cache bypassed."""
+        if self.reference_key_column is not None:
+            inputs = {k: v for k, v in inputs.items() if k != self.reference_key_column}
+            inputs["use_reference_cache"] = False
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+
+    def evaluation_loop(self, *args: Any, **kwargs: Any) -> Any:
+        """As ``Trainer.evaluation_loop``, adding ``<prefix>_nmtune_<term>`` of exactly its own batches."""
+        self._reset("eval")
+        output = super().evaluation_loop(*args, **kwargs)
+        params = list(inspect.signature(Trainer.evaluation_loop).parameters)[1:]
+        prefix = dict(zip(params, args)).get("metric_key_prefix", kwargs.get("metric_key_prefix", "eval"))
+        self._flush("eval", output.metrics, f"{prefix}_nmtune_")
+        return output
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """As ``Trainer.train``; the NMTune training logs start from zero."""
+        self._reset("train")
+        self._reset("train_total")
+        return super().train(*args, **kwargs)
+
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        """Add the averaged NMTune terms to the Trainer's training / evaluation logs."""
+        """Add the NMTune terms to the Trainer's training logs."""
         if "loss" in logs:
             self._flush("train", logs, "nmtune_")
-        if any(k.startswith("eval_") for k in logs):
-            self._flush("eval", logs, "eval_nmtune_")
+            self._log_cache(logs)
+        if "train_loss" in logs:  # the end of train(): whole-run means, even for runs shorter than logging_steps
+            self._reset("train")
+            self._flush("train_total", logs, "train_nmtune_")
+            self._log_cache(logs)
         super().log(logs, *args, **kwargs)
 
     def _set_signature_columns_if_needed(self) -> None:
         inner = self._nmtune_model()
         if inner is not None and self._signature_columns is None:
-            import inspect
-
-            base = inner.base_model
-            forward = base.forward if not callable(getattr(base, "forward_features", None)) else inner.forward
-            names = list(inspect.signature(forward).parameters)
-            self._signature_columns = names + ["labels", "label", "label_ids", "pixel_values"]
+            extra = [self.reference_key_column] if self.reference_key_column else []
+            self._signature_columns = inner.input_names() + ["labels", "label", "label_ids", "pixel_values"] + extra
             return
         super()._set_signature_columns_if_needed()
+        if self.reference_key_column and self.reference_key_column not in self._signature_columns:
+            self._signature_columns.append(self.reference_key_column)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         inner = self._nmtune_model()
@@ -186,7 +287,7 @@ class NMTuneTrainer(Trainer):
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        inner = _unwrap(model) if model is not None else self._nmtune_model()
+        inner = unwrap_model(model) if model is not None else self._nmtune_model()
         if isinstance(inner, NMTuneLoraModel):
             inner.load_adapter_state(resume_from_checkpoint)
             return
