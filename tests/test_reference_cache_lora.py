@@ -23,11 +23,6 @@ from nmtune.reference_cache import ReferenceCache  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
-from nmtune.lora import NMTuneLoraModel  # noqa: E402
-
-if not hasattr(NMTuneLoraModel, "set_reference_cache"):  # until the lora branch's hook is merged
-    pytest.skip("NMTuneLoraModel.set_reference_cache is not on this branch yet", allow_module_level=True)
-
 N, T, C = 24, 10, 3
 
 
