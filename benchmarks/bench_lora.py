@@ -97,7 +97,8 @@ def _text_batches(n: int, batch: int, seq: int, vocab: int) -> list[dict[str, Te
 
 def _image_batches(n: int, batch: int, img: int) -> list[dict[str, Tensor]]:
     g = torch.Generator().manual_seed(0)
-    return [{"pixel_values": torch.randn(batch, 3, img, img, generator=g), "idx": torch.arange(i * batch, (i + 1) * batch),
+    return [{"pixel_values": torch.randn(batch, 3, img, img, generator=g),
+             "idx": torch.arange(i * batch, (i + 1) * batch),
              "labels": torch.randint(0, NUM_CLASSES, (batch,), generator=g)} for i in range(n)]
 
 

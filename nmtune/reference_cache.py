@@ -351,7 +351,8 @@ class ReferenceCache:
         context: What ``F`` depends on besides the model, declared by the user
             (JSON values: tokenizer name, ``max_length``, image transform name...);
             a reopened cache with a different context is refused.
-        verify_batches: Fully cached batches to recompute and compare (0: none).
+        verify_batches: Fully cached batches to recompute and compare (0: none);
+            the attribute counts down as they are used.
         verify_tol: Largest relative row difference ``||F_new - F|| / ||F||``
             accepted by the verification (0: bit-identical).
         commit_every: On disk, mark newly stored rows as valid every this many
@@ -421,7 +422,9 @@ class ReferenceCache:
     def _reopen(self) -> None:
         meta = json.loads((self.path / _META).read_text(encoding="utf-8"))  # type: ignore[operator]
         if meta.get("format_version", 0) > _FORMAT_VERSION:
-            raise ValueError(f"{self.path} has format_version {meta['format_version']}; this nmtune reads {_FORMAT_VERSION}")
+            raise ValueError(
+                f"{self.path} has format_version {meta['format_version']}; this nmtune reads {_FORMAT_VERSION}"
+            )
         asked = {"num_examples": self.num_examples, "dim": self.dim,
                  "dtype": None if self.dtype is None else _dtype_name(self.dtype)}
         changes = [
@@ -502,7 +505,8 @@ class ReferenceCache:
             self._write_meta()
             return
         if fingerprint != self._fingerprint:
-            what = {"architecture": "parameter names/shapes/dtypes", "weights": "base weights", "reference": "reference settings"}
+            what = {"architecture": "parameter names/shapes/dtypes", "weights": "base weights",
+                    "reference": "reference settings"}
             changed = [
                 f"{what.get(k, k)} ({self._fingerprint.get(k)} -> {fingerprint.get(k)})"
                 for k in sorted(what) if self._fingerprint.get(k) != fingerprint.get(k)

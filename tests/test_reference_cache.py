@@ -363,7 +363,7 @@ def test_rows_written_but_not_committed_are_not_valid(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- bit-for-bit training
-def _train(cached: bool, reshuffle: bool, epochs: int = 2) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]], ReferenceCache]:
+def _train(cached: bool, reshuffle: bool, epochs: int = 2) -> tuple[list, list[dict], ReferenceCache | None]:
     model, data = _lora(seed=0), _data()
     cache = ReferenceCache(N) if cached else None
     if cache is not None:

@@ -26,7 +26,8 @@ def test_bench_lora_tiny(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     last = proc.stdout.strip().splitlines()[-3:-1]
-    assert [line.split("  ")[0] for line in last] == ["tiny BERT (2 layers, width 32)", "timm vit_tiny_patch16_224 @ 32px"]
+    models = [line.split("  ")[0] for line in last]
+    assert models == ["tiny BERT (2 layers, width 32)", "timm vit_tiny_patch16_224 @ 32px"]
     assert all("lora+nmtune(cached)/lora: " in line and "lora+nmtune/lora: " in line for line in last)
     with (tmp_path / "bench_lora.csv").open() as fh:
         rows = list(csv.DictReader(fh))
