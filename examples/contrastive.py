@@ -27,6 +27,7 @@ Command line::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -48,7 +49,8 @@ import pretrain_clip as pc  # noqa: E402
 
 from nmtune import analysis, evaluate, extract_features  # noqa: E402
 
-__all__ = ["run_regime", "evaluate_checkpoint", "clip_task_features", "zeroshot_records", "task_classes", "results_markdown", "main"]
+__all__ = ["run_regime", "evaluate_checkpoint", "clip_task_features", "zeroshot_records", "task_classes",
+           "results_markdown", "main"]
 
 GAMMAS = (0.0, 0.05, 0.10, 0.20, 0.30)
 _CLASS_NAMES = {"digits": "0123456789", "rotated-digits": "0123456789", "heldout-glyphs": vd.HELDOUT_CHARS,
@@ -208,7 +210,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, model: str, out_dir: str 
 
 
 def _data(out: pathlib.Path, tiny: bool) -> tuple[cd.ClipPairs, tuple, list[vd.ImageTask]]:
-    cache = out / "data" / "data.pt"
+    cache = out / "data" / ("data_tiny.pt" if tiny else "data.pt")
     if cache.exists():
         return torch.load(cache, weights_only=False)
     data = (cd.offline_pairs(tiny=tiny), cd.offline_val(tiny=tiny), vd.offline_tasks(tiny=tiny))
@@ -226,7 +228,7 @@ def _pretrain_all(out: pathlib.Path, pairs, val, gammas, seeds, tiny: bool, prog
                                         batch_size=16 if tiny else pc.ClipPretrainConfig.batch_size)
             metrics_file = run / "metrics.json"
             m = json.loads(metrics_file.read_text()) if metrics_file.exists() else None
-            if m is None or not m["finished"] or m["config"] != pc.dataclasses.asdict(cfg):
+            if m is None or not m["finished"] or m["config"] != dataclasses.asdict(cfg):
                 m = pc.pretrain_clip(pairs, val, run, cfg, progress=progress)
             curves[_tag(g, s)] = {"gamma": g, "pretrain_seed": s, "loss": [h["loss"] for h in m["history"]],
                                   "zeroshot_val": [h["zeroshot_val"] for h in m["history"]],

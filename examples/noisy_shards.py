@@ -41,6 +41,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
+from nmtune._validation import check_int
 from nmtune.noise import swap_pairs
 
 __all__ = ["MalformedShardError", "swap_captions", "read_captions", "allocate_swaps", "noisy_shards",
@@ -115,7 +116,8 @@ def _samples(path: pathlib.Path, *, with_bytes: bool) -> Iterator[tuple[str, dic
         if TEXT_EXT not in files:
             raise MalformedShardError(f"{path}: sample {key!r} has no .{TEXT_EXT} caption (has {sorted(files)})")
         if not any(e in files for e in IMAGE_EXTS):
-            raise MalformedShardError(f"{path}: sample {key!r} has no image ({'/'.join(IMAGE_EXTS)}; has {sorted(files)})")
+            raise MalformedShardError(
+                f"{path}: sample {key!r} has no image ({'/'.join(IMAGE_EXTS)}; has {sorted(files)})")
         return key, files
 
     for info, k, ext, tar in _members(path):
@@ -300,8 +302,7 @@ def noisy_shards(shards: Sequence[str | os.PathLike], out_dir: str | os.PathLike
     shards = [pathlib.Path(p) for p in shards]
     if not shards:
         raise ValueError("no input shards given")
-    if isinstance(buffer, bool) or not isinstance(buffer, int) or buffer < 2:
-        raise ValueError(f"buffer must be an int >= 2, got {buffer!r}")
+    buffer = check_int("buffer", buffer, minimum=2)
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plan = _plan(shards, out, float(gamma), int(seed), buffer)

@@ -56,7 +56,8 @@ def test_tiny_regime_end_to_end_records_figures_and_skip_on_rerun(tmp_path):
     assert curves["g30_s0"]["num_swapped"] == round(0.3 * curves["g30_s0"]["num_pairs"])
     assert curves["g00_s0"]["num_swapped"] == 0
     assert all(len(c["loss"]) == len(c["zeroshot_val"]) == 2 for c in curves.values())
-    assert set(res["backbone"]) == {0.0, 0.3} and all("id_sve" in b and "ood_lsvr" in b for b in res["backbone"].values())
+    assert set(res["backbone"]) == {0.0, 0.3}
+    assert all("id_sve" in b and "ood_lsvr" in b for b in res["backbone"].values())
     for f in res["figures"]:
         assert pathlib.Path(f).read_bytes()[:4] == b"\x89PNG"
     assert {pathlib.Path(f).name for f in res["figures"]} >= {"pretrain_curves.png", "noise_vs_accuracy.png",
