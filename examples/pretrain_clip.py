@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import math
 import os
 import pathlib
@@ -125,7 +126,11 @@ def build_clip(config: dict[str, Any] | None = None, *, seed: int = 0) -> torch.
     """
     name = register_model_config(config=config) if config is not None else register_model_config()
     torch.manual_seed(seed)
-    return _open_clip().create_model(name, pretrained=None)
+    logging.disable(logging.WARNING)  # open_clip warns that no pretrained weights were loaded: none are wanted
+    try:
+        return _open_clip().create_model(name, pretrained=None)
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def get_tokenizer(config: dict[str, Any] | None = None, *, context_length: int | None = None):
