@@ -13,7 +13,7 @@ cache. The recipes are the paper's (Section 4 and Appendix):
 from __future__ import annotations
 
 import dataclasses
-import json
+import hashlib
 import math
 import os
 from dataclasses import dataclass, field
@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from nmtune import functional as NF
+from nmtune._validation import check_int
 from nmtune.head import HEAD_PRESETS, NMTuneHead
 from nmtune.loss import NMTuneConfig, NMTuneLoss
 
@@ -124,24 +125,59 @@ def _check_method(method: str) -> str:
     return method
 
 
-def _check_xy(features: Tensor, labels: Tensor, name: str = "features", *, targets: bool = False) -> None:
-    """Validate features ``(N, D)`` and labels ``(N,)`` (``targets``: any tensor with N rows)."""
-    if not isinstance(features, Tensor) or not features.is_floating_point() or features.dim() != 2:
-        got = f"{features.dtype} {tuple(features.shape)}" if isinstance(features, Tensor) else type(features).__name__
-        raise ValueError(f"{name} must be a floating-point tensor of shape (N, D); got {got}")
-    if targets:
-        if not isinstance(labels, Tensor) or labels.dim() < 1:
-            got = f"{labels.dtype} {tuple(labels.shape)}" if isinstance(labels, Tensor) else type(labels).__name__
-            raise ValueError(f"targets must be a tensor with one row per sample (N, ...); got {got}")
-    elif not isinstance(labels, Tensor) or labels.dim() != 1 or labels.dtype.is_floating_point:
-        got = f"{labels.dtype} {tuple(labels.shape)}" if isinstance(labels, Tensor) else type(labels).__name__
-        raise ValueError(f"labels must be an integer tensor of shape (N,); got {got}")
-    if labels.shape[0] != features.shape[0]:
-        raise ValueError(
-            f"{name} has {features.shape[0]} rows but labels has {labels.shape[0]}; expected the same N"
-        )
-    if features.shape[0] < 2:
-        raise ValueError(f"{name} needs at least 2 rows; got shape {tuple(features.shape)}")
+def _as_tensor(x: Any, name: str) -> Tensor:
+    """A tensor from a tensor or a NumPy array (zero-copy where possible)."""
+    if isinstance(x, Tensor):
+        return x
+    try:
+        import numpy as np
+    except ModuleNotFoundError:  # pragma: no cover - numpy is a dependency
+        np = None
+    if np is not None and isinstance(x, np.ndarray):
+        if x.dtype == object:
+            raise TypeError(f"{name} must be a numeric array; got a NumPy array of dtype object")
+        return torch.from_numpy(np.ascontiguousarray(x))
+    raise TypeError(f"{name} must be a torch.Tensor or a NumPy array; got {type(x).__name__}")
+
+
+def _describe(x: Tensor) -> str:
+    return f"{x.dtype} tensor of shape {tuple(x.shape)}"
+
+
+def _check_features(features: Any, name: str = "features") -> Tensor:
+    """Features ``(N, D)`` of any floating dtype (NumPy arrays accepted); returns the tensor."""
+    features = _as_tensor(features, name)
+    if not features.is_floating_point():
+        raise TypeError(f"{name} must be floating-point (N, D) features; got {_describe(features)}")
+    if features.dim() != 2 or features.shape[1] < 1:
+        raise ValueError(f"{name} must have shape (N, D) with D >= 1; got {_describe(features)}")
+    if features.shape[0] < 1:
+        raise ValueError(f"{name} is empty (got shape {tuple(features.shape)}); expected at least one row")
+    return features
+
+
+def _check_labels(labels: Any, n: int, name: str = "labels", *, num_classes: int | None = None) -> Tensor:
+    """Integer class indices ``(N,)`` in ``[0, num_classes)``; the first offending label is named."""
+    labels = _as_tensor(labels, name)
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"{name} must be integer class indices of shape (N,); got {_describe(labels)}")
+    if labels.dim() != 1:
+        raise ValueError(f"{name} must have shape (N,); got {_describe(labels)}")
+    if labels.shape[0] != n:
+        raise ValueError(f"features has {n} rows but {name} has {labels.shape[0]}; expected the same N")
+    bad = labels < 0 if num_classes is None else (labels < 0) | (labels >= num_classes)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        want = "be class indices >= 0" if num_classes is None else f"lie in [0, num_classes={num_classes})"
+        raise ValueError(f"{name} must {want}; got {int(labels[i])} at index {i}")
+    return labels
+
+
+def _check_targets(targets: Any, n: int) -> Tensor:
+    targets = _as_tensor(targets, "targets")
+    if targets.dim() < 1 or targets.shape[0] != n:
+        raise ValueError(f"targets must have one row per sample ({n}, ...); got {_describe(targets)}")
+    return targets
 
 
 def _lr_lambda(schedule: str, total_steps: int) -> Callable[[int], float]:
@@ -171,6 +207,90 @@ def _atomic_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _fingerprint(x: Tensor) -> str:
+    """A cheap content hash: shape, dtype, 256 evenly spaced rows and the float64 sum and sum of squares."""
+    flat = x.detach().reshape(x.shape[0], -1)
+    rows = torch.linspace(0, flat.shape[0] - 1, steps=min(flat.shape[0], 256)).long()
+    h = hashlib.sha256(f"{tuple(x.shape)}|{x.dtype}".encode())
+    h.update(flat[rows].to("cpu", torch.float64).contiguous().numpy().tobytes())
+    whole = flat.to(torch.float64)
+    h.update(torch.stack([whole.sum(), whole.square().sum()]).cpu().numpy().tobytes())
+    return h.hexdigest()[:20]
+
+
+class _Checkpoint:
+    """Per-epoch state of one :func:`fit` in ``checkpoint_dir``, keyed by what the run depends on."""
+
+    def __init__(self, directory: str | os.PathLike[str], method: str, key: dict[str, Any]) -> None:
+        self.path = Path(directory) / f"fit_{method}.pt"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.key = key
+
+    def load(self, device: torch.device) -> dict[str, Any] | None:
+        """The saved state, or ``None``; a state written for other data, config or method is an error."""
+        if not self.path.exists():
+            return None
+        state = torch.load(self.path, map_location=device, weights_only=False)
+        saved = state.get("key") if isinstance(state, dict) else None
+        if not isinstance(saved, dict):
+            raise ValueError(f"checkpoint {self.path} was written by an older nmtune; delete it or use another "
+                             "checkpoint_dir")
+        changed = sorted(k for k in set(saved) | set(self.key) if saved.get(k) != self.key.get(k))
+        if changed:
+            raise ValueError(
+                f"checkpoint {self.path} was written by a different fit (changed: {', '.join(changed)}); resuming it "
+                "would return a head trained on other data or settings. Delete it or use another checkpoint_dir"
+            )
+        return state
+
+    def save(self, **state: Any) -> None:
+        _atomic_save(dict(key=self.key, **state), self.path)
+
+
+def _prepare_head(head: NMTuneHead | None, method: str, config: TuningConfig, d: int, n_classes: int) -> NMTuneHead:
+    if head is None:
+        preset = "linear" if method == "lp" else config.head_preset
+        return NMTuneHead.from_preset(preset, d, n_classes, **config.head_kwargs)
+    if not isinstance(head, NMTuneHead):
+        raise TypeError(f"head must be an NMTuneHead or None; got {type(head).__name__}")
+    if method == "lp" and not head.is_linear_probe:
+        raise ValueError("method='lp' needs a linear-probe head (NMTuneHead(..., mlp=False))")
+    if head.in_features != d or head.num_classes != n_classes:
+        raise ValueError(
+            f"head expects (in_features={head.in_features}, num_classes={head.num_classes}); "
+            f"the data has D={d} and {n_classes} classes"
+        )
+    return head
+
+
+_HISTORY_TERMS = ("loss", "consistency", "covariance", "singular_value")
+
+
+def _run_epoch(head: NMTuneHead, criterion: NMTuneLoss, optimizer: torch.optim.Optimizer,
+               scheduler: Any, x: Tensor, y: Tensor, batches: list[Tensor], components: bool) -> list[float]:
+    """One pass over ``batches``; the mean of each history term (one host sync)."""
+    head.train()
+    sums = torch.zeros(len(_HISTORY_TERMS), device=x.device)
+    for idx in batches:
+        idx = idx.to(x.device)
+        xb, yb = x[idx], y[idx]
+        out = head(xb)
+        optimizer.zero_grad(set_to_none=True)
+        if components:  # the spectrum is computed for the loss anyway, so logging its terms is free
+            parts = criterion(out.logits, yb, out.features, xb, return_components=True)
+            loss = parts.loss
+            terms = torch.stack([loss.detach().float(), parts.consistency.float(), parts.covariance.float(),
+                                 parts.singular_value.float()])
+        else:  # baselines: the "none" preset adds an exact zero and computes no spectrum
+            loss = criterion(out.logits, yb, out.features, xb)
+            terms = torch.cat([loss.detach().float().reshape(1), sums.new_zeros(len(_HISTORY_TERMS) - 1)])
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        sums += terms
+    return (sums / len(batches)).tolist()
+
+
 def fit(
     features: Tensor,
     labels: Tensor,
@@ -184,160 +304,127 @@ def fit(
     checkpoint_dir: str | os.PathLike[str] | None = None,
     device: str | torch.device | None = None,
     task_loss: Callable[[Tensor, Tensor], Tensor] | None = None,
+    dtype: torch.dtype | None = torch.float32,
 ) -> FitResult:
     """Train a head on cached frozen features with LP, MLP tuning or NMTune.
 
+    Features of any floating dtype (float64 from ``torch.from_numpy``,
+    float16/bfloat16 from a half-precision backbone) and NumPy arrays are
+    accepted; training runs in ``dtype`` (float32 by default). Every sample is
+    used every epoch: a trailing batch of one row joins the previous batch.
+
     Args:
-        features: Frozen backbone features ``(N, D)``.
-        labels: Class indices ``(N,)``.
+        features: Frozen backbone features ``(N, D)``, a tensor or NumPy array.
+        labels: Class indices ``(N,)`` in ``[0, num_classes)``.
         method: ``"lp"`` (linear probe), ``"mlp"`` (MLP, task loss only) or
             ``"nmtune"`` (MLP with the NMTune regularizers).
         num_classes: Defaults to ``labels.max() + 1``.
         config: Optimisation recipe (default: the paper's vision recipe).
         loss_config: Regularizer config or preset for ``"nmtune"`` (default
             ``"paper"``); ignored by ``"lp"``/``"mlp"``, which use ``"none"``.
-        head: A head to train instead of one built from ``config.head_preset``.
+        head: A head to train instead of one built from ``config.head_preset``
+            (trained in its own dtype).
         progress: Show a tqdm progress bar over epochs.
         checkpoint_dir: Save state after every epoch there and resume from
-            it when called again with the same arguments.
+            it when called again. The checkpoint is keyed by the method, both
+            configs and a fingerprint of the features and labels: resuming with
+            anything else changed raises ``ValueError`` naming what changed.
         device: Where to train (default: the features' device).
         task_loss: ``callable(logits, targets) -> scalar`` replacing
             cross-entropy (e.g. MSE for a regression task such as STS-B).
             With it, ``labels`` may be any tensor with ``N`` rows (float
             targets included) and ``num_classes`` is the head's output width.
+        dtype: Training dtype for the features and a new head (default
+            ``torch.float32``; ``None`` keeps the features' dtype).
 
     Returns:
         A :class:`FitResult` with the trained head in eval mode.
 
     Example:
         >>> _ = torch.manual_seed(0)
-        >>> x = torch.randn(256, 16); y = (x[:, 0] > 0).long()
+        >>> x = torch.randn(256, 16, dtype=torch.float64); y = (x[:, 0] > 0).long()
         >>> res = fit(x, y, "mlp", config=TuningConfig(epochs=10, batch_size=32, lr=1e-2))
         >>> evaluate(res.head, x, y)["accuracy"] > 0.95
         True
     """
     _check_method(method)
-    _check_xy(features, labels, targets=task_loss is not None)
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating torch.dtype or None; got {dtype!r}")
+    features = _check_features(features)
+    n, d = features.shape
+    if n < 2:
+        raise ValueError(f"features needs at least 2 rows to train; got shape {tuple(features.shape)}")
+    if task_loss is not None:
+        if num_classes is None:
+            raise ValueError("with a custom task_loss, pass num_classes (the head's output width)")
+        labels = _check_targets(labels, n)
+    else:
+        labels = _check_labels(labels, n)
     config = config or TuningConfig()
+    if not isinstance(config, TuningConfig):
+        raise TypeError(f"config must be a TuningConfig or None; got {type(config).__name__}")
+    n_classes = check_int("num_classes", num_classes if num_classes is not None else int(labels.max()) + 1, minimum=1)
+    if task_loss is None:
+        _check_labels(labels, n, num_classes=n_classes)
     NF.validate_finite(features, "features")
     device = torch.device(device) if device is not None else features.device
-    if task_loss is not None and num_classes is None:
-        raise ValueError("with a custom task_loss, pass num_classes (the head's output width)")
-    n_classes = int(num_classes) if num_classes is not None else int(labels.max()) + 1
-    if task_loss is None and (int(labels.min()) < 0 or int(labels.max()) >= n_classes):
-        raise ValueError(
-            f"labels must lie in [0, num_classes={n_classes}); got range [{int(labels.min())}, {int(labels.max())}]"
-        )
 
     if method == "nmtune":
         loss_cfg = loss_config if isinstance(loss_config, NMTuneConfig) else NMTuneConfig.from_preset(loss_config or "paper")
     else:
         loss_cfg = NMTuneConfig.from_preset("none")
     # Features were checked once above; per-step checks would sync every batch.
-    loss_cfg = loss_cfg.replace(check_finite=False)
+    loss_cfg = loss_cfg.replace(check_finite=False, small_batch="skip")
 
     torch.manual_seed(config.seed)
-    if head is None:
-        preset = "linear" if method == "lp" else config.head_preset
-        head = NMTuneHead.from_preset(preset, features.shape[1], n_classes, **config.head_kwargs)
-    elif method == "lp" and not head.is_linear_probe:
-        raise ValueError("method='lp' needs a linear-probe head (NMTuneHead(..., mlp=False))")
-    if head.in_features != features.shape[1] or head.num_classes != n_classes:
-        raise ValueError(
-            f"head expects (in_features={head.in_features}, num_classes={head.num_classes}); "
-            f"the data has D={features.shape[1]} and {n_classes} classes"
-        )
-    head = head.to(device)
+    if head is None:  # a new head trains in ``dtype``; a user's head keeps its own
+        head = _prepare_head(None, method, config, d, n_classes).to(dtype or features.dtype)
+    head = _prepare_head(head, method, config, d, n_classes).to(device)
+    train_dtype = next(head.parameters()).dtype
     criterion = NMTuneLoss(loss_cfg, task_loss=task_loss).to(device)
     lr, wd = config.resolved(method)
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=wd)
-    n = features.shape[0]
     steps_per_epoch = len(_batches(n, config.batch_size, torch.Generator().manual_seed(0)))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _lr_lambda(config.schedule, config.epochs * steps_per_epoch)
-    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config.schedule, config.epochs * steps_per_epoch))
     generator = torch.Generator().manual_seed(config.seed)
     history: list[dict[str, float]] = []
     start_epoch = 0
 
-    ckpt_path: Path | None = None
-    signature = json.dumps(
-        dict(
-            method=method, config=config.to_dict(), loss=loss_cfg.to_dict(), n=n, d=features.shape[1], c=n_classes,
-            task_loss=None if task_loss is None else getattr(task_loss, "__qualname__", type(task_loss).__name__),
-        ),
-        sort_keys=True,
-    )
+    ckpt = None
     if checkpoint_dir is not None:
-        ckpt_path = Path(checkpoint_dir) / f"fit_{method}.pt"
-        ckpt_path.parent.mkdir(parents=True, exist_ok=True)
-        if ckpt_path.exists():
-            state = torch.load(ckpt_path, map_location=device, weights_only=False)
-            if state["signature"] != signature:
-                raise ValueError(
-                    f"checkpoint {ckpt_path} was written by a different fit (method/config/data shape); "
-                    "delete it or use another checkpoint_dir"
-                )
+        task_name = None if task_loss is None else getattr(task_loss, "__qualname__", type(task_loss).__name__)
+        ckpt = _Checkpoint(checkpoint_dir, method, dict(
+            method=method, config=config.to_dict(), loss_config=loss_cfg.to_dict(), num_classes=n_classes,
+            features=_fingerprint(features), labels=_fingerprint(labels), task_loss=task_name,
+            dtype=str(train_dtype)))
+        state = ckpt.load(device)
+        if state is not None:
             head.load_state_dict(state["head"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             generator.set_state(state["generator"])
-            history = state["history"]
-            start_epoch = state["epoch"]
+            history, start_epoch = state["history"], state["epoch"]
 
-    x = features.to(device)
+    x = features.to(device, train_dtype)
     y = labels.to(device)
     epochs: Iterable[int] = range(start_epoch, config.epochs)
     if progress:
         from tqdm.auto import tqdm
 
         epochs = tqdm(epochs, total=config.epochs, initial=start_epoch, desc=f"fit[{method}]")
-
-    keys = ("loss", "consistency", "covariance", "singular_value")
-    regularized = loss_cfg.lambda_ > 0
-    zeros = torch.zeros((), device=device)
     for epoch in epochs:
-        head.train()
-        sums = torch.zeros(len(keys), device=device)
-        batches = _batches(n, config.batch_size, generator)
-        for idx in batches:
-            idx = idx.to(device)
-            xb, yb = x[idx], y[idx]
-            out = head(xb)
-            optimizer.zero_grad(set_to_none=True)
-            if regularized:
-                parts = criterion(out.logits, yb, out.features, xb, return_components=True)
-                parts.loss.backward()
-                terms = [parts.loss.detach().float(), parts.consistency, parts.covariance, parts.singular_value]
-            else:  # no spectrum for the baselines: their step is exactly an MLP/LP step
-                loss = criterion.task_loss(out.logits, yb)
-                loss.backward()
-                terms = [loss.detach().float(), zeros, zeros, zeros]
-            optimizer.step()
-            scheduler.step()
-            sums += torch.stack(terms)
-        means = (sums / len(batches)).tolist()  # one host sync per epoch
-        record = {"epoch": float(epoch + 1), "lr": float(scheduler.get_last_lr()[0])}
-        record.update(zip(keys, means))
+        means = _run_epoch(head, criterion, optimizer, scheduler, x, y, _batches(n, config.batch_size, generator),
+                           components=loss_cfg.lambda_ > 0)
+        record = {"epoch": float(epoch + 1), "lr": float(scheduler.get_last_lr()[0]), **dict(zip(_HISTORY_TERMS, means))}
         history.append(record)
         if not math.isfinite(record["loss"]):
             raise FloatingPointError(
                 f"fit[{method}] diverged at epoch {epoch + 1}: loss={record['loss']}; lower the learning rate "
                 f"(lr={lr}) or standardise the features"
             )
-        if ckpt_path is not None:
-            _atomic_save(
-                dict(
-                    signature=signature,
-                    head=head.state_dict(),
-                    optimizer=optimizer.state_dict(),
-                    scheduler=scheduler.state_dict(),
-                    generator=generator.get_state(),
-                    history=history,
-                    epoch=epoch + 1,
-                ),
-                ckpt_path,
-            )
+        if ckpt is not None:
+            ckpt.save(head=head.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                      generator=generator.get_state(), history=history, epoch=epoch + 1)
         if progress:
             epochs.set_postfix(loss=f"{record['loss']:.4f}")  # type: ignore[attr-defined]
     head.eval()
@@ -367,40 +454,47 @@ def evaluate(
     """Accuracy, macro-F1, SVE and LSVR of a head on frozen features.
 
     SVE and LSVR are those of the tuned features ``Z`` over the whole set
-    (float64 spectrum).
+    (float64 spectrum). Features of any floating dtype and NumPy arrays are
+    accepted; they are cast to the head's dtype.
 
     Args:
         head: A module returning ``HeadOutput``-like ``(logits, features)``.
-        features: ``(N, D)`` frozen features.
-        labels: ``(N,)`` class indices.
+        features: ``(N, D)`` frozen features (tensor or NumPy array).
+        labels: ``(N,)`` class indices in ``[0, C)``, ``C`` the head's
+            number of outputs.
         batch_size: Evaluation batch size.
         normalize_rows: L2-normalise rows of ``Z`` before the spectrum (the
             authors' analysis convention).
 
     Returns:
         ``{"accuracy", "macro_f1", "sve", "lsvr", "n"}`` as Python floats
-        (accuracy and F1 in ``[0, 1]``).
+        (accuracy and F1 in ``[0, 1]``; macro-F1 as scikit-learn's
+        ``f1_score(average="macro")``).
     """
-    _check_xy(features, labels)
+    if not isinstance(head, nn.Module):
+        raise TypeError(f"head must be an nn.Module returning (logits, features); got {type(head).__name__}")
+    features = _check_features(features)
+    labels = _check_labels(labels, features.shape[0])
+    check_int("batch_size", batch_size, minimum=1)
+    NF.validate_finite(features, "features")
     was_training = head.training
     head.eval()
-    device = next(head.parameters()).device
+    param = next(head.parameters())
     logits_all, z_all = [], []
     for start in range(0, features.shape[0], batch_size):
-        out = head(features[start : start + batch_size].to(device))
+        out = head(features[start : start + batch_size].to(param.device, param.dtype))
         logits_all.append(out[0])
         z_all.append(out[1])
     head.train(was_training)
     logits = torch.cat(logits_all)
     z = torch.cat(z_all).float()
-    y = labels.to(device)
+    y = _check_labels(labels, features.shape[0], num_classes=int(logits.shape[-1])).to(param.device)
     pred = logits.argmax(dim=-1)
-    num_classes = max(int(logits.shape[-1]), int(y.max()) + 1)
     sigma = NF.singular_values(z, normalize_rows=normalize_rows)
     metrics = NF.spectrum_metrics(sigma.double())
     return {
         "accuracy": float((pred == y).double().mean()),
-        "macro_f1": float(_macro_f1(pred, y, num_classes)),
+        "macro_f1": float(_macro_f1(pred, y, int(logits.shape[-1]))),
         "sve": float(metrics["sve"]),
         "lsvr": float(metrics["lsvr"]),
         "n": float(features.shape[0]),
@@ -439,7 +533,11 @@ def extract_features(
         inputs, target = batch[0], batch[1]
         inputs = inputs.to(device) if isinstance(inputs, Tensor) else inputs
         out = forward(model, inputs) if forward is not None else model(inputs)
-        if isinstance(out, Tensor) and out.dim() > 2:
+        if not isinstance(out, Tensor) or not out.is_floating_point():
+            got = _describe(out) if isinstance(out, Tensor) else type(out).__name__
+            raise TypeError(f"the backbone (or forward=) must return a floating tensor of features; got {got}; "
+                            "pass forward=lambda model, x: model(x).pooler_output (say) to pick one")
+        if out.dim() > 2:
             out = out.flatten(1)
         feats.append(out.float().cpu())
         labs.append(torch.as_tensor(target).long().cpu())

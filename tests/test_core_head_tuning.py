@@ -103,7 +103,7 @@ def test_recipes():
         TuningConfig(schedule="step")
 
 
-def test_fit_resumes_from_checkpoint(tmp_path):
+def test_fit_resumes_from_checkpoint(tmp_path, monkeypatch):
     x, y = _blobs(n=200)
     cfg = TuningConfig(epochs=4, batch_size=32)
     full = fit(x, y, "nmtune", config=cfg)
@@ -123,12 +123,10 @@ def test_fit_resumes_from_checkpoint(tmp_path):
             raise Stop
         return original(self, *a, **k)
 
-    torch.optim.AdamW.step = step
-    try:
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.optim.AdamW, "step", step)
         with pytest.raises(Stop):
             fit(x, y, "nmtune", config=short, checkpoint_dir=ckpt)
-    finally:
-        torch.optim.AdamW.step = original
     resumed = fit(x, y, "nmtune", config=short, checkpoint_dir=ckpt)
     assert [h["epoch"] for h in resumed.history] == [1.0, 2.0, 3.0, 4.0]
     for a, b in zip(full.head.state_dict().values(), resumed.head.state_dict().values()):
