@@ -70,6 +70,12 @@ def compute_dtype(dtype: torch.dtype, precision: str) -> torch.dtype:
     return torch.float32
 
 
+def result_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype every term and metric is returned in: float32 for half inputs
+    (as PyTorch's own losses under autocast), else the input's (float64 stays float64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def upcast(x: Tensor, precision: str) -> Tensor:
     """``x`` in the compute dtype (a no-op when it already is)."""
     return x.to(compute_dtype(x.dtype, precision))

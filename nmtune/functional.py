@@ -4,7 +4,9 @@ Every function takes features of shape ``(..., M, D)``: ``M`` samples (rows)
 of ``D`` features, with any number of leading dimensions for a stack of
 feature matrices (several layers, groups or heads) handled in one call.
 Per-matrix results have the leading shape ``(...)``; a single matrix gives a
-0-dim tensor. Results come back in the input's dtype.
+0-dim tensor. Results come back in float32 for float16/bfloat16 inputs (a
+half-precision reduction overflows: PyTorch's losses do the same under
+autocast) and in the input's dtype otherwise (float64 stays float64).
 
 The terms follow Section 3.1 of the paper (Chen et al., ICLR 2024):
 
@@ -87,8 +89,8 @@ def validate_finite(x: Tensor, name: str = "z", *, also: Tensor | None = None, a
     synchronisation (one for both tensors); it is skipped while
     ``torch.compile`` traces.
     """
-    if torch.compiler.is_compiling():
-        return
+    if torch.compiler.is_compiling() or x.is_meta or (also is not None and also.is_meta):
+        return  # no values to check (meta tensors carry shapes only)
     ok = torch.isfinite(x).all()
     if also is not None:
         ok = ok & torch.isfinite(also).all()
@@ -202,7 +204,7 @@ def consistency_loss(
         check_finite: Raise on NaN/Inf inputs (one host sync).
 
     Returns:
-        The loss in ``z``'s dtype.
+        The loss in ``z``'s dtype (float32 for half-precision ``z``).
 
     Example:
         >>> f = torch.randn(32, 64)
@@ -231,7 +233,7 @@ def consistency_loss(
             dist = dist.mean()
         elif reduction == "sum":
             dist = dist.sum()
-    return dist.to(z.dtype)
+    return dist.to(_kernels.result_dtype(z.dtype))
 
 
 def covariance_loss(z: Tensor, *, precision: str = "float32", check_finite: bool = True) -> Tensor:
@@ -248,7 +250,7 @@ def covariance_loss(z: Tensor, *, precision: str = "float32", check_finite: bool
         check_finite: Raise on NaN/Inf inputs (one host sync).
 
     Returns:
-        ``(...)`` tensor, in ``z``'s dtype.
+        ``(...)`` tensor, in ``z``'s dtype (float32 for half-precision ``z``).
 
     Example:
         >>> z = torch.randn(128, 16)
@@ -261,7 +263,7 @@ def covariance_loss(z: Tensor, *, precision: str = "float32", check_finite: bool
         validate_finite(z)
     stats = _kernels.spectral_stats(z, precision=precision, singular_values=False)
     energy = stats.offdiag_energy
-    return (energy / z.shape[-1]).to(z.dtype)  # type: ignore[operator]
+    return (energy / z.shape[-1]).to(_kernels.result_dtype(z.dtype))  # type: ignore[operator]
 
 
 def singular_values(
@@ -284,7 +286,7 @@ def singular_values(
         check_finite: Raise on NaN/Inf inputs (one host sync).
 
     Returns:
-        ``(..., min(M, D))`` in ``z``'s dtype.
+        ``(..., min(M, D))`` in ``z``'s dtype (float32 for half-precision ``z``).
 
     Example:
         >>> singular_values(torch.diag(torch.tensor([3.0, 1.0])))
@@ -297,7 +299,7 @@ def singular_values(
     stats = _kernels.spectral_stats(
         z, precision=precision, covariance=False, normalize_rows=normalize_rows
     )
-    return stats.singular_values.to(z.dtype)  # type: ignore[union-attr]
+    return stats.singular_values.to(_kernels.result_dtype(z.dtype))  # type: ignore[union-attr]
 
 
 def singular_value_ratio_loss(

@@ -14,7 +14,7 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import torch
 from torch import Tensor, nn
@@ -244,6 +244,7 @@ class NMTuneRegularizer(nn.Module):
             NF.validate_features(f, "f", min_rows=1)
             if f.shape != z.shape:
                 raise ValueError(f"z and f must have the same shape; got z {tuple(z.shape)} and f {tuple(f.shape)}")
+            _same_device(z=z, f=f)
         zs = z
         if gathers:
             from nmtune.distributed import all_gather_rows, is_distributed
@@ -283,7 +284,8 @@ class NMTuneRegularizer(nn.Module):
             svd = NF.ratio_from_singular_values(stats.singular_values, cfg.top_k).mean()
             terms.append(cfg.svd_weight * svd)
         # With every term off, a zero that keeps each parameter behind z in the graph (DDP).
-        reg = (cfg.lambda_ * sum(terms[1:], terms[0])).to(z.dtype) if terms else z.sum() * 0
+        out_dtype = _kernels.result_dtype(z.dtype)  # float32 for half inputs: a half sum overflows
+        reg = (cfg.lambda_ * sum(terms[1:], terms[0])).to(out_dtype) if terms else (z.sum() * 0).to(out_dtype)
         if not return_components:
             return reg
 
@@ -292,34 +294,69 @@ class NMTuneRegularizer(nn.Module):
             if sigma is None:
                 sigma = _kernels.spectral_stats(zs.detach(), precision=cfg.precision, covariance=False).singular_values
             metrics = NF.spectrum_metrics(sigma.detach())  # type: ignore[union-attr]
-            zero_d = z.new_zeros((), dtype=torch.float32)
+            zero_d = z.new_zeros((), dtype=out_dtype)
 
             def _d(t: Tensor | None) -> Tensor:
-                return zero_d if t is None else t.detach().float().reshape(())
+                return zero_d if t is None else t.detach().to(out_dtype).reshape(())
 
             return LossComponents(
                 loss=reg,
                 task=zero_d,
-                regularizer=reg.detach().float(),
+                regularizer=reg.detach(),
                 consistency=_d(mse),
                 covariance=_d(cov),
                 singular_value=_d(svd),
-                sve=metrics["sve"].mean().float(),
-                lsvr=metrics["lsvr"].mean().float(),
+                sve=metrics["sve"].mean().to(out_dtype),
+                lsvr=metrics["lsvr"].mean().to(out_dtype),
                 skipped=zero_d,
             )
 
     @staticmethod
     def _skipped(z: Tensor, return_components: bool) -> Tensor | LossComponents:
         """A batch too small for the statistics under ``small_batch="skip"``."""
-        reg = z.sum() * 0  # keeps every parameter behind z in the graph (DDP)
+        reg = (z.sum() * 0).to(_kernels.result_dtype(z.dtype))  # keeps z's parameters in the graph (DDP)
         if not return_components:
             return reg
-        zero = z.new_zeros((), dtype=torch.float32)
+        zero = z.new_zeros((), dtype=reg.dtype)
         return LossComponents(
             loss=reg, task=zero, regularizer=zero, consistency=zero, covariance=zero,
             singular_value=zero, sve=zero, lsvr=zero, skipped=torch.ones_like(zero),
         )
+
+
+def _same_device(**tensors: Tensor) -> None:
+    """One device for every tensor, or a ``ValueError`` naming where each one is."""
+    devices = {name: t.device for name, t in tensors.items() if isinstance(t, Tensor)}
+    if len(set(devices.values())) > 1:
+        where = ", ".join(f"{name} on {dev}" for name, dev in devices.items())
+        raise ValueError(f"every tensor must be on one device; got {where}")
+
+
+def _check_task_inputs(logits: object, target: object, z: Tensor, *, uses_default_loss: bool) -> None:
+    """Rows of logits, target and z must agree: one logit row and one target per row of ``z``.
+
+    The rows are compared along the first dimension for 2-D ``z`` (the usual
+    ``(M, D)`` batch). With a custom ``task_loss`` only ``logits`` vs ``z`` is
+    checked, and only when both are batches of rows, since such a loss may take
+    targets of any shape.
+    """
+    for name, t in (("logits", logits), ("target", target), ("z", z)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+    logits, target = cast(Tensor, logits), cast(Tensor, target)
+    _same_device(logits=logits, target=target, z=z)
+    if z.dim() == 2 and logits.dim() >= 1 and logits.shape[0] != z.shape[0]:
+        raise ValueError(
+            f"logits has {logits.shape[0]} row(s) but z has {z.shape[0]}; expected one row of logits per row of z "
+            f"(got logits {tuple(logits.shape)}, z {tuple(z.shape)})"
+        )
+    if uses_default_loss:
+        if logits.dim() != 2 or not logits.is_floating_point():
+            raise ValueError(f"logits must be floating (N, C) scores for cross-entropy; got {logits.dtype} "
+                             f"{tuple(logits.shape)}")
+        if target.dim() < 1 or target.shape[0] != logits.shape[0]:
+            raise ValueError(f"target has shape {tuple(target.shape)} but logits has {logits.shape[0]} row(s); "
+                             "expected class indices (N,) or class probabilities (N, C)")
 
 
 class NMTuneLoss(nn.Module):
@@ -353,6 +390,7 @@ class NMTuneLoss(nn.Module):
         if task_loss is not None and not callable(task_loss):
             raise TypeError(f"task_loss must be callable(logits, target) -> Tensor; got {type(task_loss).__name__}")
         self.regularizer = NMTuneRegularizer(config, **overrides)
+        self._default_task_loss = task_loss is None
         self.task_loss = task_loss if task_loss is not None else nn.CrossEntropyLoss()
 
     @property
@@ -376,6 +414,9 @@ class NMTuneLoss(nn.Module):
             z: Tuned features ``(..., M, D)``.
             f: Frozen reference features (same shape as ``z``).
         """
+        _check_task_inputs(logits, target, z, uses_default_loss=self._default_task_loss)
+        if f is not None:
+            _same_device(logits=logits, z=z, f=f)
         task = self.task_loss(logits, target)
         if not isinstance(task, Tensor) or task.dim() != 0:
             shape = tuple(task.shape) if isinstance(task, Tensor) else type(task).__name__
@@ -384,4 +425,4 @@ class NMTuneLoss(nn.Module):
             return task + self.regularizer(z, f)
         parts = self.regularizer(z, f, return_components=True)
         total = task + parts.loss
-        return dataclasses.replace(parts, loss=total, task=task.detach().float())
+        return dataclasses.replace(parts, loss=total, task=task.detach().to(parts.regularizer.dtype))

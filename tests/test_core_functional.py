@@ -135,12 +135,14 @@ def test_gradcheck(fn, shape):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_inputs_upcast_and_return_input_dtype(dtype):
+def test_half_inputs_upcast_and_return_float32(dtype):
+    # Reductions of half-precision inputs come back in float32 (issue 10.4: a float16 sum overflows),
+    # as PyTorch's own losses do under autocast.
     z32 = _rand((32, 48), dtype=torch.float32, seed=6)
     z = z32.to(dtype)
     for fn in (NF.covariance_loss, NF.singular_value_ratio_loss, NF.singular_value_entropy):
         out = fn(z)
-        assert out.dtype == dtype
+        assert out.dtype == torch.float32
         torch.testing.assert_close(out.float(), fn(z.float()), rtol=2e-2, atol=2e-3)
     zr = z.clone().requires_grad_(True)
     NF.singular_value_ratio_loss(zr).backward()

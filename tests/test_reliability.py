@@ -75,3 +75,56 @@ def test_extract_features_refuses_non_tensor_outputs() -> None:
     assert feats.shape == (5, 3) and labels.dtype == torch.int64
     with pytest.raises(TypeError, match="must return a floating tensor of features; got dict"):
         extract_features(model, loader, forward=lambda m, x: {"out": m(x)})
+
+
+def test_half_precision_loss_is_float32_and_finite() -> None:
+    # M=64, D=768, feature std 32: the float16 result used to overflow to inf (the float32 value is ~1.3e5)
+    g = torch.Generator().manual_seed(0)
+    z32 = 32 * torch.randn(64, 768, generator=g)
+    f32 = torch.randn(64, 768, generator=g)
+    reference = NMTuneRegularizer()(z32, f32)
+    for dtype in (torch.float16, torch.bfloat16):
+        out = NMTuneRegularizer()(z32.to(dtype), f32.to(dtype))
+        assert out.dtype == torch.float32 and torch.isfinite(out)
+        torch.testing.assert_close(out, reference, rtol=2e-2, atol=0.0)
+    parts = NMTuneLoss()(torch.randn(64, 3, dtype=torch.float16), torch.zeros(64, dtype=torch.long),
+                         z32.half(), f32.half(), return_components=True)
+    assert parts.loss.dtype == torch.float32 and parts.covariance.dtype == torch.float32
+
+
+def test_float64_components_keep_float64() -> None:
+    z, f = torch.randn(16, 8, dtype=torch.float64), torch.randn(16, 8, dtype=torch.float64)
+    parts = NMTuneLoss()(torch.randn(16, 3, dtype=torch.float64), torch.zeros(16, dtype=torch.long), z, f,
+                         return_components=True)
+    assert {getattr(parts, k).dtype for k in ("loss", "task", "covariance", "sve", "lsvr")} == {torch.float64}
+
+
+def test_argument_relations_are_checked() -> None:
+    crit = NMTuneLoss()
+    z, f = torch.randn(32, 8), torch.randn(32, 8)
+    with pytest.raises(ValueError, match=r"logits has 16 row\(s\) but z has 32"):
+        crit(torch.randn(16, 3), torch.zeros(16, dtype=torch.long), z, f)
+    with pytest.raises(ValueError, match=r"target has shape \(16,\) but logits has 32 row"):
+        crit(torch.randn(32, 3), torch.zeros(16, dtype=torch.long), z, f)
+    with pytest.raises(ValueError, match="one device; got z on meta, f on cpu"):
+        NMTuneRegularizer()(torch.empty(32, 8, device="meta"), f)
+    with pytest.raises(ValueError, match="one device; got logits on cpu, target on cpu, z on meta"):
+        crit(torch.randn(32, 3), torch.zeros(32, dtype=torch.long), torch.empty(32, 8, device="meta"), f)
+    with pytest.raises(TypeError, match="logits must be a torch.Tensor; got list"):
+        crit([0.0] * 32, torch.zeros(32, dtype=torch.long), z, f)
+    with pytest.raises(ValueError, match=r"logits must be floating \(N, C\) scores"):
+        crit(torch.randn(32), torch.zeros(32, dtype=torch.long), z, f)
+    with pytest.raises(ValueError, match="z and f must have the same shape"):
+        crit(torch.randn(32, 3), torch.zeros(32, dtype=torch.long), z, f[:16])
+
+
+def test_one_row_is_an_error_unless_skip_is_asked() -> None:
+    z, f = torch.randn(1, 8, requires_grad=True), torch.randn(1, 8)
+    logits, y = torch.randn(1, 3, requires_grad=True), torch.tensor([2])
+    with pytest.raises(ValueError, match=r"z has 1 row\(s\); the batch statistics need at least 2"):
+        NMTuneLoss()(logits, y, z, f)
+    parts = NMTuneLoss(small_batch="skip")(logits, y, z, f, return_components=True)
+    parts.loss.backward()
+    assert float(parts.skipped) == 1.0 and float(parts.regularizer) == 0.0
+    torch.testing.assert_close(parts.loss, torch.nn.functional.cross_entropy(logits, y))
+    assert z.grad is not None and float(z.grad.abs().sum()) == 0.0  # z stays in the graph with a zero gradient
