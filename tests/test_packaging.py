@@ -26,6 +26,11 @@ def test_wheel_installs_into_fresh_venv(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "nmtune/py.typed" in names and "nmtune/functional.py" in names
     assert not any(n.startswith(("tests/", "examples/", "benchmarks/")) for n in names)
+    # the licence ships in the wheel, declared in the SPDX form (PEP 639)
+    (license_file,) = [n for n in names if n.endswith(".dist-info/licenses/LICENSE")]
+    assert "Apache License" in zipfile.ZipFile(wheel).read(license_file).decode()
+    (metadata,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+    assert "License-Expression: Apache-2.0" in zipfile.ZipFile(wheel).read(metadata).decode().splitlines()
 
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=True).create(env_dir)
