@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from nmtune import _kernels
+from nmtune._validation import check_int
 
 __all__ = [
     "consistency_loss",
@@ -82,7 +83,10 @@ def validate_features(z: object, name: str = "z", *, min_rows: int = 2) -> Tenso
     return z
 
 
-def validate_finite(x: Tensor, name: str = "z", *, also: Tensor | None = None, also_name: str = "f") -> None:
+def validate_finite(
+    x: Tensor, name: str = "z", *, also: Tensor | None = None, also_name: str = "f",
+    hint: str = "Pass check_finite=False to skip this check.",
+) -> None:
     """Raise ``ValueError`` if ``x`` (or ``also``) holds NaN or Inf.
 
     This is the only value-dependent check in nmtune and costs one host
@@ -103,7 +107,7 @@ def validate_finite(x: Tensor, name: str = "z", *, also: Tensor | None = None, a
         n_inf = int(torch.isinf(x).sum())
         raise ValueError(
             f"{name} holds {n_nan} NaN and {n_inf} Inf value(s) (shape {_shape(x)}); expected finite "
-            "features. Pass check_finite=False to skip this check."
+            f"features. {hint}".rstrip()
         )
 
 
@@ -114,8 +118,7 @@ def validate_precision(precision: str) -> str:
 
 
 def validate_top_k(top_k: object, z_shape: tuple[int, ...] | torch.Size) -> int:
-    if isinstance(top_k, bool) or not isinstance(top_k, int):
-        raise TypeError(f"top_k must be an int >= 1; got {top_k!r}")
+    top_k = check_int("top_k", top_k)
     bound = min(z_shape[-2], z_shape[-1])
     if top_k < 1 or top_k > bound:
         raise ValueError(

@@ -16,6 +16,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from nmtune._validation import check_int
+
 __all__ = ["NMTuneHead", "HeadOutput", "HEAD_PRESETS"]
 
 HEAD_PRESETS: dict[str, dict[str, Any]] = {
@@ -39,12 +41,6 @@ class HeadOutput(NamedTuple):
 
     logits: Tensor
     features: Tensor
-
-
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int; got {value!r}")
-    return value
 
 
 class NMTuneHead(nn.Module):
@@ -80,8 +76,8 @@ class NMTuneHead(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        self.in_features = _positive_int("in_features", in_features)
-        self.num_classes = _positive_int("num_classes", num_classes)
+        self.in_features = check_int("in_features", in_features, minimum=1)
+        self.num_classes = check_int("num_classes", num_classes, minimum=1)
         if not mlp and (batch_norm or residual or hidden_features is not None or dropout):
             raise ValueError(
                 "a linear probe (mlp=False) has no MLP: hidden_features, batch_norm, residual and dropout "
@@ -90,7 +86,7 @@ class NMTuneHead(nn.Module):
             )
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1); got {dropout!r}")
-        self.hidden_features = _positive_int("hidden_features", hidden_features or in_features) if mlp else 0
+        self.hidden_features = check_int("hidden_features", hidden_features or in_features, minimum=1) if mlp else 0
         self.residual = residual
         self.mlp: nn.Sequential | None = None
         if mlp:

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from nmtune import _kernels
+from nmtune._validation import check_bool, check_choice, check_int, check_real
 from nmtune import functional as NF
 
 __all__ = ["NMTuneConfig", "NMTuneRegularizer", "NMTuneLoss", "LossComponents", "PRESETS"]
@@ -96,22 +97,13 @@ class NMTuneConfig:
 
     def __post_init__(self) -> None:
         for name in ("lambda_", "mse_weight", "cov_weight", "svd_weight"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"{name} must be a real number >= 0; got {value!r}")
-            if not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number >= 0; got {value!r}")
-            object.__setattr__(self, name, float(value))
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
-            raise ValueError(f"top_k must be an int >= 1; got {self.top_k!r}")
-        if self.consistency not in NF.CONSISTENCY_MODES:
-            raise ValueError(f"consistency must be one of {NF.CONSISTENCY_MODES}; got {self.consistency!r}")
+            object.__setattr__(self, name, check_real(name, getattr(self, name), minimum=0.0))
+        check_int("top_k", self.top_k, minimum=1)
+        check_choice("consistency", self.consistency, NF.CONSISTENCY_MODES)
         NF.validate_precision(self.precision)
-        if self.small_batch not in SMALL_BATCH_POLICIES:
-            raise ValueError(f"small_batch must be one of {SMALL_BATCH_POLICIES}; got {self.small_batch!r}")
+        check_choice("small_batch", self.small_batch, SMALL_BATCH_POLICIES)
         for name in ("check_finite", "gather_distributed", "equal_local_batches"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be a bool; got {getattr(self, name)!r}")
+            check_bool(name, getattr(self, name))
 
     # -- presets and serialisation ------------------------------------------------
     @classmethod

@@ -22,6 +22,8 @@ from typing import Mapping, NamedTuple, Sequence
 import numpy as np
 import torch
 
+from nmtune._validation import check_int, check_real
+
 __all__ = ["NoisyLabels", "symmetric_noise", "asymmetric_noise", "pair_flip_noise", "swap_pairs"]
 
 
@@ -57,13 +59,11 @@ def _generator(seed: int | torch.Generator) -> torch.Generator:
         return seed
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise TypeError(f"seed must be an int or a torch.Generator, got {type(seed).__name__}")
-    return torch.Generator().manual_seed(int(seed))
+    return torch.Generator().manual_seed(check_int("seed", seed))
 
 
 def _check_ratio(ratio: float) -> float:
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) <= 1.0:
-        raise ValueError(f"ratio must be a number in [0, 1], got {ratio!r}")
-    return float(ratio)
+    return check_real("ratio", ratio, minimum=0.0, maximum=1.0)
 
 
 def _num_classes(labels: torch.Tensor, num_classes: int | None) -> int:
@@ -235,8 +235,7 @@ def swap_pairs(num_pairs: int, ratio: float, *, seed: int | torch.Generator = 0)
         >>> int(out.mask.sum()), bool((out.labels[out.mask] != torch.arange(10)[out.mask]).all())
         (4, True)
     """
-    if isinstance(num_pairs, bool) or not isinstance(num_pairs, (int, np.integer)) or num_pairs < 0:
-        raise ValueError(f"num_pairs must be a non-negative int, got {num_pairs!r}")
+    check_int("num_pairs", num_pairs, minimum=0)
     ratio = _check_ratio(ratio)
     g = _generator(seed)
     text = torch.arange(int(num_pairs))

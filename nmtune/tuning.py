@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from nmtune import functional as NF
-from nmtune._validation import check_int
+from nmtune._validation import check_int, check_real
 from nmtune.head import HEAD_PRESETS, NMTuneHead
 from nmtune.loss import NMTuneConfig, NMTuneLoss
 
@@ -61,16 +61,12 @@ class TuningConfig:
     head_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int; got {value!r}")
-        if self.batch_size < 2:
-            raise ValueError(f"batch_size must be >= 2 (batch statistics); got {self.batch_size}")
+        check_int("epochs", self.epochs, minimum=1)
+        check_int("batch_size", self.batch_size, minimum=2)  # the batch statistics need 2 rows
+        check_int("seed", self.seed)
         for name in ("lr", "weight_decay"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0):
-                raise ValueError(f"{name} must be None or a finite number >= 0; got {value!r}")
+            if getattr(self, name) is not None:
+                check_real(name, getattr(self, name), minimum=0.0)
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}; got {self.schedule!r}")
         if self.domain not in _RECIPES:
@@ -366,7 +362,7 @@ def fit(
     n_classes = check_int("num_classes", num_classes if num_classes is not None else int(labels.max()) + 1, minimum=1)
     if task_loss is None:
         _check_labels(labels, n, num_classes=n_classes)
-    NF.validate_finite(features, "features")
+    NF.validate_finite(features, "features", hint="Clean or impute them before tuning.")
     device = torch.device(device) if device is not None else features.device
 
     if method == "nmtune":
@@ -476,7 +472,7 @@ def evaluate(
     features = _check_features(features)
     labels = _check_labels(labels, features.shape[0])
     check_int("batch_size", batch_size, minimum=1)
-    NF.validate_finite(features, "features")
+    NF.validate_finite(features, "features", hint="Clean or impute them before evaluating.")
     was_training = head.training
     head.eval()
     param = next(head.parameters())

@@ -56,7 +56,7 @@ def test_head_errors():
         NMTuneHead(16, 3)(torch.ones(4, 16, dtype=torch.long))
     with pytest.raises(ValueError, match="linear probe.*batch_norm=True"):
         NMTuneHead(16, 3, mlp=False, batch_norm=True)
-    with pytest.raises(ValueError, match="num_classes must be a positive int; got 0"):
+    with pytest.raises(ValueError, match="num_classes must be an int >= 1; got 0"):
         NMTuneHead(16, 0)
     with pytest.raises(ValueError, match="unknown head preset 'deep'"):
         NMTuneHead.from_preset("deep", 16, 3)

@@ -45,7 +45,7 @@ def test_config_json_round_trip(preset):
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        (dict(lambda_=-1.0), ValueError, r"lambda_.*>= 0; got -1.0"),
+        (dict(lambda_=-1.0), ValueError, r"lambda_ must be >= 0.0; got -1.0"),
         (dict(cov_weight=float("nan")), ValueError, "cov_weight.*nan"),
         (dict(mse_weight="1"), TypeError, "mse_weight.*'1'"),
         (dict(top_k=0), ValueError, "top_k.*got 0"),
