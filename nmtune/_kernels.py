@@ -106,18 +106,27 @@ def gram(x: Tensor, rows: bool) -> Tensor:
     return _SymmetricGram.apply(x, rows)
 
 
-def eigen_singular_values(g: Tensor) -> Tensor:
-    """Singular values from the eigenvalues of a Gram matrix, descending.
+def _resolved(lam: Tensor, n: int) -> Tensor:
+    """Which eigenvalues of an ``n x n`` Gram matrix (any order) the solver resolves.
 
-    Eigenvalues below ``n * eps * lambda_max`` are rounding noise of the
-    eigensolver: they map to exactly zero with zero gradient (no host sync,
-    no ``1 / sqrt(0)``).
+    Eigenvalues below ``n * eps * lambda_max`` are rounding noise of the eigensolver: they
+    are treated as zero, with zero gradient. In float64 that keeps singular values down to
+    ``sqrt(n * eps) * sigma_1`` (about ``2.4e-7 sigma_1`` at ``n = 256``); see docs/method.md
+    for the accuracy of each term near that edge.
     """
-    lam = torch.linalg.eigvalsh(g).flip(-1)
-    n = g.shape[-1]
-    tol = lam[..., :1].clamp_min(0) * (n * torch.finfo(lam.dtype).eps)
-    positive = lam > tol
+    top = lam.amax(dim=-1, keepdim=True).clamp_min(0)
+    return lam > top * (n * torch.finfo(lam.dtype).eps)
+
+
+def _safe_sqrt(lam: Tensor, positive: Tensor) -> Tensor:
+    """``sqrt(lam)`` where resolved, exactly zero (and zero gradient) elsewhere."""
     return torch.where(positive, torch.sqrt(torch.where(positive, lam, 1.0)), 0.0)
+
+
+def eigen_singular_values(g: Tensor) -> Tensor:
+    """Singular values from the eigenvalues of a Gram matrix, descending (no host sync)."""
+    lam = torch.linalg.eigvalsh(g).flip(-1)
+    return _safe_sqrt(lam, _resolved(lam, g.shape[-1]))
 
 
 class _GramSpectrum(torch.autograd.Function):
@@ -144,37 +153,34 @@ class _GramSpectrum(torch.autograd.Function):
         xc = x.to(dtype)
         m, d = xc.shape[-2], xc.shape[-1]
         rows = m < d
-        g = xc @ xc.mT if rows else xc.mT @ xc
+        mean = centred = diag = None
+        if covariance:
+            # Centre first, then recover the uncentred Gram (for the spectrum) by an exact low-rank
+            # correction: deriving the centred statistics from the uncentred Gram instead cancels
+            # catastrophically when the rows share a mean far larger than their spread.
+            mean = xc.mean(dim=-2, keepdim=True)  # (..., 1, D)
+            xc = xc - mean
+            centred, diag, energy = centred_energy(xc, rows)
+            if rows:
+                u = xc @ mean.mT  # (..., M, 1)
+                g = centred + u + u.mT + mean.square().sum(dim=-1, keepdim=True)
+            else:
+                g = centred + m * (mean.mT @ mean)
+        else:
+            g = xc @ xc.mT if rows else xc.mT @ xc
         need_grad = ctx.needs_input_grad[0]
         if need_grad:
             lam, vec = torch.linalg.eigh(g)  # ascending
         else:
             lam, vec = torch.linalg.eigvalsh(g), None
-        n = g.shape[-1]
-        tol = lam[..., -1:].clamp_min(0) * (n * torch.finfo(lam.dtype).eps)
-        positive = lam > tol
-        sigma = torch.where(positive, torch.sqrt(torch.where(positive, lam, 1.0)), 0.0)
-        scale = 1.0 / (m - 1) ** 2
-        if covariance:
-            mean = xc.mean(dim=-2, keepdim=True)  # (..., 1, D)
-            if rows:
-                row_mean = g.mean(dim=-1, keepdim=True)
-                centred = g - row_mean - row_mean.mT + row_mean.mean(dim=-2, keepdim=True)  # H G H
-                # Column scatter. Not torch.var_mean: its reduction over dim -2 runs ~30x slower
-                # on CPU than these three passes (3.8 ms against 0.3 ms at 256 x 2048).
-                diag = (xc - mean).square_().sum(dim=-2, keepdim=True)
-                energy = centred.square().sum(dim=(-2, -1)) - diag.square().sum(dim=(-2, -1))
-            else:
-                centred = g - m * (mean.mT @ mean)  # scatter (..., D, D)
-                diag = centred.diagonal(dim1=-2, dim2=-1)
-                energy = centred.square().sum(dim=(-2, -1)) - diag.square().sum(dim=-1)
-            energy = energy * scale
-        else:
+        positive = _resolved(lam, g.shape[-1])
+        sigma = _safe_sqrt(lam, positive)
+        if not covariance:
             energy = sigma.new_zeros(sigma.shape[:-1])
-            centred = mean = diag = None
         if need_grad:
+            # xc is the centred input when the covariance is computed (mean holds the shift).
             ctx.save_for_backward(xc, vec, sigma, positive, centred, mean, diag)
-        ctx.rows, ctx.covariance, ctx.scale, ctx.in_dtype = rows, covariance, scale, x.dtype
+        ctx.rows, ctx.covariance, ctx.scale, ctx.in_dtype = rows, covariance, 1.0 / (m - 1) ** 2, x.dtype
         return sigma.flip(-1), energy
 
     @staticmethod
@@ -184,38 +190,50 @@ class _GramSpectrum(torch.autograd.Function):
         gs = g_sigma.to(xc.dtype).flip(-1)  # ascending, like the eigenvalues
         c = torch.where(positive, gs / (2 * torch.where(positive, sigma, 1.0)), 0.0)
         a = 2 * ((vec * c.unsqueeze(-2)) @ vec.mT)
-        if ctx.covariance:
-            kappa = (4 * ctx.scale) * g_energy.to(xc.dtype)[..., None, None]
-            if ctx.rows:
-                a = a + kappa * centred
-                w = kappa * diag  # (..., 1, D)
-                grad = a @ xc  # then - w * (xc - mean), in place: no (M, D) temporaries
-                grad.addcmul_(xc, w, value=-1.0).add_(w * mean)
-            else:
-                # S_off = centred minus its diagonal, without a second D x D temporary:
-                # a += kappa * S_off in place, and mean @ S_off = mean @ centred - mean * diag.
-                a = a + kappa * centred
-                a.diagonal(dim1=-2, dim2=-1).sub_(kappa[..., 0] * diag)
-                grad = xc @ a
-                grad.sub_(kappa * (mean @ centred - mean * diag.unsqueeze(-2)))
-        else:
+        if not ctx.covariance:
             grad = a @ xc if ctx.rows else xc @ a
+            return grad.to(ctx.in_dtype), None, None
+        # Here xc = x - mean. The spectral part a @ x (or x @ a) is split exactly into
+        # a @ xc + (a 1) mean (or xc @ a + 1 (mean @ a)); the covariance part only sees xc.
+        kappa = (4 * ctx.scale) * g_energy.to(xc.dtype)[..., None, None]
+        if ctx.rows:
+            shift = a.sum(dim=-1, keepdim=True) * mean  # (a 1) mean^T, before a is updated
+            a = a + kappa * centred
+            grad = a @ xc  # then - kappa * diag * xc + shift, in place: no (M, D) temporaries
+            grad.addcmul_(xc, kappa * diag, value=-1.0).add_(shift)
+        else:
+            shift = mean @ a  # (..., 1, D)
+            # S_off = centred minus its diagonal, without a second D x D temporary.
+            a = a + kappa * centred
+            a.diagonal(dim1=-2, dim2=-1).sub_(kappa[..., 0] * diag)
+            grad = (xc @ a).add_(shift)
         return grad.to(ctx.in_dtype), None, None
 
 
-def _offdiag_centred(z: Tensor) -> Tensor:
-    """Off-diagonal covariance energy when no spectrum is needed.
+def centred_energy(xz: Tensor, rows: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The one formula for the covariance's off-diagonal energy ``sum_{i != j} C_ij^2``.
 
-    Centring first avoids the cancellation of the shared-Gram formulas, at no
-    extra cost since only one Gram product is formed either way.
+    ``xz`` is the centred input ``(..., M, D)``. Through the smaller Gram matrix:
+    ``||C||_F^2`` equals the squared Frobenius norm of the centred ``M x M`` Gram
+    (``rows``) or of the ``D x D`` scatter, over ``(M - 1)^2``; the diagonal ``C_ii`` is
+    the column scatter either way. Returns ``(gram, column scatter, energy)``.
     """
-    m, d = z.shape[-2], z.shape[-1]
-    zc = z - z.mean(dim=-2, keepdim=True)
-    diag = zc.square().sum(dim=-2)
-    rows = m < d
-    k = gram(zc, rows)
-    energy = k.square().sum(dim=(-2, -1)) - diag.square().sum(dim=-1)
-    return energy / (m - 1) ** 2
+    if rows:
+        gram_c = xz @ xz.mT
+        # Column scatter. Not torch.var_mean: its reduction over dim -2 runs ~30x slower
+        # on CPU than these passes (3.8 ms against 0.3 ms at 256 x 2048).
+        diag = xz.square().sum(dim=-2, keepdim=True)
+        energy = gram_c.square().sum(dim=(-2, -1)) - diag.square().sum(dim=(-2, -1))
+    else:
+        gram_c = xz.mT @ xz
+        diag = gram_c.diagonal(dim1=-2, dim2=-1)
+        energy = gram_c.square().sum(dim=(-2, -1)) - diag.square().sum(dim=-1)
+    return gram_c, diag, energy / (xz.shape[-2] - 1) ** 2
+
+
+def _offdiag_centred(z: Tensor) -> Tensor:
+    """Off-diagonal covariance energy when no spectrum is needed (plain autograd)."""
+    return centred_energy(z - z.mean(dim=-2, keepdim=True), z.shape[-2] < z.shape[-1])[2]
 
 
 def spectral_stats(
