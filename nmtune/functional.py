@@ -147,9 +147,15 @@ def _normalised_spectrum(sigma: Tensor) -> Tensor:
 
 
 def ratio_from_singular_values(sigma: Tensor, top_k: int = 1) -> Tensor:
-    """``-(1/k) sum_{i<=k} sigma_i / sum_j sigma_j`` from descending ``sigma``."""
+    """``-(1/k) sum_{i<=k} sigma_i / sum_j sigma_j`` from descending ``sigma``.
+
+    ``k = min(top_k, len(sigma))``: with fewer singular values than ``top_k``
+    (allowed by ``clamp_top_k``) the mean runs over those that exist, as in the
+    authors' ``torch.mean(s[:5])``.
+    """
     p = _normalised_spectrum(sigma)
-    return -p[..., :top_k].sum(dim=-1) / top_k
+    k = min(top_k, sigma.shape[-1])
+    return -p[..., :k].sum(dim=-1) / k
 
 
 def entropy_from_singular_values(sigma: Tensor) -> Tensor:

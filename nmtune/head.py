@@ -16,15 +16,16 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from nmtune._validation import check_int
+from nmtune._validation import check_choice, check_int
 
 __all__ = ["NMTuneHead", "HeadOutput", "HEAD_PRESETS"]
 
 HEAD_PRESETS: dict[str, dict[str, Any]] = {
     # Section 3.1: a 2-layer MLP with ReLU mapping D -> D -> D, then a linear classifier.
     "paper": dict(mlp=True, hidden_multiplier=1, batch_norm=False, residual=False),
-    # The authors' released code: D -> 4D -> BatchNorm -> ReLU -> D, Z = s * MLP(F) + F.
-    "official": dict(mlp=True, hidden_multiplier=4, batch_norm=True, residual=True),
+    # The authors' released code: D -> 4D -> BatchNorm -> ReLU -> D, Z = s * MLP(F) + F, and a
+    # classifier initialised with kaiming_uniform weights (a = 0) and a zero bias.
+    "official": dict(mlp=True, hidden_multiplier=4, batch_norm=True, residual=True, classifier_init="kaiming"),
     # Linear probing: Z = F.
     "linear": dict(mlp=False, hidden_multiplier=1, batch_norm=False, residual=False),
 }
@@ -56,6 +57,9 @@ class NMTuneHead(nn.Module):
         residual: ``Z = s * MLP(F) + F`` with a learnable per-dimension scale
             ``s`` initialised to one (the authors' code).
         dropout: Dropout probability after the activation.
+        classifier_init: ``"default"`` (``nn.Linear``'s) or ``"kaiming"``
+            (``kaiming_uniform_`` weights with ``a = 0`` and a zero bias, as the
+            authors' ``ClassificationHead``; the ``"official"`` preset's).
 
     Example:
         >>> head = NMTuneHead(in_features=768, num_classes=100)
@@ -74,6 +78,7 @@ class NMTuneHead(nn.Module):
         batch_norm: bool = False,
         residual: bool = False,
         dropout: float = 0.0,
+        classifier_init: str = "default",
     ) -> None:
         super().__init__()
         self.in_features = check_int("in_features", in_features, minimum=1)
@@ -100,6 +105,9 @@ class NMTuneHead(nn.Module):
             self.mlp = nn.Sequential(*layers)
         self.scale = nn.Parameter(torch.ones(in_features)) if residual else None
         self.classifier = nn.Linear(in_features, num_classes)
+        if check_choice("classifier_init", classifier_init, ("default", "kaiming")) == "kaiming":
+            nn.init.kaiming_uniform_(self.classifier.weight)  # a = 0: bound sqrt(6 / D)
+            nn.init.zeros_(self.classifier.bias)
 
     @classmethod
     def from_preset(cls, name: str, in_features: int, num_classes: int, **overrides: Any) -> NMTuneHead:

@@ -30,8 +30,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper": dict(lambda_=0.01, mse_weight=1.0, cov_weight=1.0, svd_weight=1.0, top_k=1, consistency="sample"),
     # The authors' released training script: 1.0 MSE + 0.04 COV + 0.001 SVD, no lambda,
     # element-mean MSE of normalised rows, mean of the top-5 normalised singular values.
+    # With fewer than 5 singular values (batches of <= 4 rows) the mean runs over those that exist.
     "official": dict(
-        lambda_=1.0, mse_weight=1.0, cov_weight=0.04, svd_weight=0.001, top_k=5, consistency="element"
+        lambda_=1.0, mse_weight=1.0, cov_weight=0.04, svd_weight=0.001, top_k=5, consistency="element",
+        clamp_top_k=True,
     ),
     # No regularization: the plain task loss (linear probing and MLP tuning baselines).
     "none": dict(lambda_=0.0, mse_weight=0.0, cov_weight=0.0, svd_weight=0.0, top_k=1, consistency="sample"),
@@ -76,6 +78,11 @@ class NMTuneConfig:
             only, so it costs no host sync. ``fit``, ``NMTuneTrainer`` and
             ``wrap_lora`` models use ``"skip"`` so that a ragged last batch of
             one row trains on its task loss instead of crashing.
+        clamp_top_k: With fewer than ``top_k`` singular values (``min(M, D)
+            < top_k``), average the ones that exist instead of raising. On in
+            the ``"official"`` preset (the authors' ``torch.mean(s[:5])`` does
+            this); off in ``"paper"``, where ``top_k`` is 1 and a larger value
+            is a deliberate choice worth an error when the batch cannot honour it.
 
     Example:
         >>> cfg = NMTuneConfig.from_preset("official", top_k=3)
@@ -94,6 +101,7 @@ class NMTuneConfig:
     gather_distributed: bool = False
     equal_local_batches: bool = False
     small_batch: str = "error"
+    clamp_top_k: bool = False
 
     def __post_init__(self) -> None:
         for name in ("lambda_", "mse_weight", "cov_weight", "svd_weight"):
@@ -102,7 +110,7 @@ class NMTuneConfig:
         check_choice("consistency", self.consistency, NF.CONSISTENCY_MODES)
         NF.validate_precision(self.precision)
         check_choice("small_batch", self.small_batch, SMALL_BATCH_POLICIES)
-        for name in ("check_finite", "gather_distributed", "equal_local_batches"):
+        for name in ("check_finite", "gather_distributed", "equal_local_batches", "clamp_top_k"):
             check_bool(name, getattr(self, name))
 
     # -- presets and serialisation ------------------------------------------------
@@ -213,7 +221,7 @@ class NMTuneRegularizer(nn.Module):
         return ", ".join(f"{k}={v!r}" for k, v in self.config.to_dict().items())
 
     def forward(
-        self, z: Tensor, f: Tensor | None = None, *, return_components: bool = False
+        self, z: Tensor, f: Tensor | None = None, *, views: int = 1, return_components: bool = False
     ) -> Tensor | LossComponents:
         """Regularizer value (scalar) or, with ``return_components``, a :class:`LossComponents`.
 
@@ -221,10 +229,16 @@ class NMTuneRegularizer(nn.Module):
             z: Tuned features ``(..., M, D)``.
             f: Frozen reference features of the same shape; required when the
                 consistency term is enabled.
+            views: ``1`` (default) or ``2``: ``z`` and ``f`` stack two augmented
+                views of the same ``B`` inputs as ``cat([weak, strong])``
+                (``2B`` rows), as in the authors' training step. ``L_COV`` and
+                ``L_SVD`` then use all ``2B`` rows of ``z``, and ``L_MSE`` pairs
+                the strong view's ``Z`` with the weak view's ``F`` (``B`` rows).
             return_components: Return a :class:`LossComponents` (with
                 ``task`` zero) instead of the scalar.
         """
         cfg = self.config
+        check_choice("views", views, (1, 2))
         gathers = cfg.gather_distributed and (cfg.uses_covariance or cfg.uses_spectrum)
         # Under "skip" (or a gather, where the global batch decides) one local row is not an error here.
         NF.validate_features(z, "z", min_rows=1 if cfg.small_batch == "skip" or gathers else 2)
@@ -252,7 +266,7 @@ class NMTuneRegularizer(nn.Module):
             if cfg.small_batch == "skip":
                 return self._skipped(z, return_components)
             NF.validate_features(zs, "z" if zs is z else "the gathered global batch of z")
-        if cfg.uses_spectrum:
+        if cfg.uses_spectrum and not cfg.clamp_top_k:
             NF.validate_top_k(cfg.top_k, zs.shape)
         if cfg.check_finite:  # one host sync for both tensors
             NF.validate_finite(z, "z", also=f if cfg.uses_consistency else None, also_name="f")
@@ -267,7 +281,8 @@ class NMTuneRegularizer(nn.Module):
         mse = cov = svd = None
         terms: list[Tensor] = []
         if cfg.uses_consistency:
-            mse = NF.consistency_loss(z, f, mode=cfg.consistency, check_finite=False)  # type: ignore[arg-type]
+            mse = NF.consistency_loss(*_paired_views(z, f, views), mode=cfg.consistency,  # type: ignore[arg-type]
+                                      check_finite=False)
             terms.append(cfg.mse_weight * mse.to(torch.promote_types(mse.dtype, torch.float32)))
         if stats.offdiag_energy is not None:
             cov = (stats.offdiag_energy / zs.shape[-1]).mean()
@@ -314,6 +329,16 @@ class NMTuneRegularizer(nn.Module):
             loss=reg, task=zero, regularizer=zero, consistency=zero, covariance=zero,
             singular_value=zero, sve=zero, lsvr=zero, skipped=torch.ones_like(zero),
         )
+
+
+def _paired_views(z: Tensor, f: Tensor, views: int) -> tuple[Tensor, Tensor]:
+    """The rows the consistency term compares: all of them, or (two views) strong ``Z`` with weak ``F``."""
+    if views == 1:
+        return z, f
+    m = z.shape[-2]
+    if m % 2:
+        raise ValueError(f"views=2 needs cat([weak, strong]) with an even number of rows; got z {tuple(z.shape)}")
+    return z[..., m // 2 :, :], f[..., : m // 2, :]
 
 
 def _same_device(**tensors: Tensor) -> None:
@@ -396,6 +421,7 @@ class NMTuneLoss(nn.Module):
         z: Tensor,
         f: Tensor | None = None,
         *,
+        views: int = 1,
         return_components: bool = False,
     ) -> Tensor | LossComponents:
         """Total loss, or a :class:`LossComponents` with ``return_components=True``.
@@ -405,6 +431,16 @@ class NMTuneLoss(nn.Module):
             target: Targets for the task loss.
             z: Tuned features ``(..., M, D)``.
             f: Frozen reference features (same shape as ``z``).
+            views: ``2`` for the authors' two-view step (``logits``,
+                ``target``, ``z`` and ``f`` are ``cat([weak, strong])``, the
+                labels repeated); see :meth:`NMTuneRegularizer.forward`.
+
+        Example (the authors' step, ``"official"`` preset):
+            >>> from nmtune import NMTuneHead
+            >>> head, crit = NMTuneHead.from_preset("official", 16, 3), NMTuneLoss("official")
+            >>> f_weak, f_strong, y = torch.randn(8, 16), torch.randn(8, 16), torch.randint(0, 3, (8,))
+            >>> f = torch.cat([f_weak, f_strong]); out = head(f)
+            >>> crit(out.logits, torch.cat([y, y]), out.features, f, views=2).backward()
         """
         _check_task_inputs(logits, target, z, uses_default_loss=self._default_task_loss)
         if f is not None:
@@ -414,7 +450,7 @@ class NMTuneLoss(nn.Module):
             shape = tuple(task.shape) if isinstance(task, Tensor) else type(task).__name__
             raise ValueError(f"task_loss must return a scalar tensor; got {shape}")
         if not return_components:
-            return task + self.regularizer(z, f)
-        parts = self.regularizer(z, f, return_components=True)
+            return task + self.regularizer(z, f, views=views)
+        parts = self.regularizer(z, f, views=views, return_components=True)
         total = task + parts.loss
         return dataclasses.replace(parts, loss=total, task=task.detach().to(parts.regularizer.dtype))
