@@ -42,7 +42,7 @@ def test_covariance_term_exact_under_a_large_common_mean(shape, ratio) -> None:
         value, grad = _grad(lambda t: reg(t), z)
         ref_value, ref_grad = _grad(lambda t: lam * w_cov * ref.covariance(t), z)
         assert _rel(value, ref_value) < 1e-9, (preset, ratio)
-        assert _rel(grad, ref_grad) < 1e-8, (preset, ratio)
+        assert _rel(grad, ref_grad) < 1e-9, (preset, ratio)
 
 
 @pytest.mark.parametrize("shape", [(24, 40), (40, 24)], ids=["M<D", "M>D"])
@@ -68,11 +68,11 @@ def _conditioned(m: int, d: int, smallest: float) -> torch.Tensor:
     return (u * s) @ v.T
 
 
-@pytest.mark.parametrize(("smallest", "bound"), [(1e-4, 1e-6), (1e-6, 1e-4)])
+@pytest.mark.parametrize(("smallest", "bound"), [(1e-4, 1e-9), (1e-6, 1e-5), (1e-7, 1e-3)])
 def test_singular_value_term_gradient_accuracy_range(smallest, bound) -> None:
-    # docs/method.md states the range: with sigma_min / sigma_1 >= 1e-4 the L_SVD gradient is
-    # accurate to 1e-6 relative; at 1e-6 to 1e-4; singular values below sqrt(n eps) sigma_1
-    # (~2e-7 here) are treated as zero with zero gradient.
+    # docs/method.md states the range: the L_SVD gradient is accurate to 1e-9 relative down to
+    # sigma_min / sigma_1 = 1e-4, 1e-5 at 1e-6, 1e-3 at 1e-7; singular values below
+    # sqrt(n eps) sigma_1 (~8e-8 here) count as zero with zero gradient (35 % error at 1e-8).
     z = _conditioned(32, 48, smallest)
     reg = NMTuneRegularizer(mse_weight=0.0, cov_weight=0.0, check_finite=False)
     _, grad = _grad(lambda t: reg(t), z)
