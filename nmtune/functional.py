@@ -25,6 +25,8 @@ Validation happens here, once, at the public entry points; the
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
@@ -231,8 +233,12 @@ def consistency_loss(
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}; got {reduction!r}")
     if check_finite:
-        validate_finite(z, "z")
-        validate_finite(f, "f")
+        validate_finite(z, "z", also=f, also_name="f")
+    return _consistency(z, f, mode, reduction).to(_kernels.result_dtype(z.dtype))
+
+
+def _consistency(z: Tensor, f: Tensor, mode: str, reduction: str = "mean") -> Tensor:
+    """The consistency formula (no validation), in float32 or float64 with autocast off."""
     with torch.autocast(device_type=z.device.type, enabled=False):
         zc = _kernels.upcast(z, "float32")
         dist = _kernels.row_distance(zc, _kernels.upcast(f, "float32").to(zc.dtype))  # f detached there
@@ -242,7 +248,7 @@ def consistency_loss(
             dist = dist.mean()
         elif reduction == "sum":
             dist = dist.sum()
-    return dist.to(_kernels.result_dtype(z.dtype))
+    return dist
 
 
 def covariance_loss(z: Tensor, *, precision: str = "float32", check_finite: bool = True) -> Tensor:
@@ -270,9 +276,8 @@ def covariance_loss(z: Tensor, *, precision: str = "float32", check_finite: bool
     validate_precision(precision)
     if check_finite:
         validate_finite(z)
-    stats = _kernels.spectral_stats(z, precision=precision, singular_values=False)
-    energy = stats.offdiag_energy
-    return (energy / z.shape[-1]).to(_kernels.result_dtype(z.dtype))  # type: ignore[operator]
+    cov = nmtune_terms(z, covariance=True, singular_value=False, precision=precision).covariance
+    return cov.to(_kernels.result_dtype(z.dtype))  # type: ignore[union-attr]
 
 
 def singular_values(
@@ -331,8 +336,11 @@ def singular_value_ratio_loss(
     """
     validate_features(z)
     validate_top_k(top_k, z.shape)
-    sigma = singular_values(z, precision=precision, check_finite=check_finite)
-    return ratio_from_singular_values(sigma, top_k)
+    validate_precision(precision)
+    if check_finite:
+        validate_finite(z)
+    svd = nmtune_terms(z, covariance=False, singular_value=True, top_k=top_k, precision=precision).singular_value
+    return svd.to(_kernels.result_dtype(z.dtype))  # type: ignore[union-attr]
 
 
 def singular_value_entropy(
@@ -388,3 +396,80 @@ def effective_rank(
     return singular_value_entropy(
         z, precision=precision, normalize_rows=normalize_rows, check_finite=check_finite
     ).exp()
+
+
+# ----------------------------------------------------------------------------
+# the one entry point from statistics to terms
+
+
+class Terms(NamedTuple):
+    """NMTune's terms and spectral metrics from one set of statistics (``None``: not asked).
+
+    ``consistency`` is a scalar (mean over rows); the others have the leading
+    shape ``(...)`` of the features whose statistics they come from.
+    """
+
+    consistency: Tensor | None
+    covariance: Tensor | None
+    singular_value: Tensor | None
+    sve: Tensor | None
+    lsvr: Tensor | None
+
+
+def nmtune_terms(
+    z: Tensor,
+    f: Tensor | None = None,
+    *,
+    covariance: bool = True,
+    singular_value: bool = True,
+    metrics: bool = False,
+    top_k: int = 1,
+    mode: str = "sample",
+    precision: str = "float64",
+    statistics_of: Tensor | None = None,
+) -> Terms:
+    """Every NMTune term and metric from one Gram product and one eigendecomposition.
+
+    The one place that turns statistics into terms: :func:`covariance_loss`,
+    :func:`singular_value_ratio_loss`, :class:`~nmtune.NMTuneRegularizer` and
+    :func:`~nmtune.evaluate` all come here. Inputs are not validated (the public
+    entry points do that once); results are in the compute dtype.
+
+    Args:
+        z: Tuned features ``(..., M, D)``.
+        f: Reference features paired row by row with ``z`` for the consistency
+            term (``None``: no consistency term).
+        covariance: Compute ``L_COV = (1/D) sum_{i != j} C_ij^2``.
+        singular_value: Compute ``L_SVD`` (``top_k`` leading singular values).
+        metrics: Also return SVE and LSVR (detached). Costs an eigendecomposition
+            only when ``singular_value`` is off.
+        top_k: Leading singular values in ``L_SVD`` (the mean runs over at most
+            as many as exist).
+        mode: Consistency reduction over features, ``"sample"`` or ``"element"``.
+        precision: Spectrum/Gram precision.
+        statistics_of: Rows whose covariance and spectrum are taken (the
+            gathered global batch under DDP); defaults to ``z``.
+
+    Example:
+        >>> t = nmtune_terms(torch.randn(16, 8), torch.randn(16, 8), metrics=True)
+        >>> [name for name, v in t._asdict().items() if v is not None]
+        ['consistency', 'covariance', 'singular_value', 'sve', 'lsvr']
+    """
+    zs = z if statistics_of is None else statistics_of
+    mse = _consistency(z, f, mode) if f is not None else None
+    cov = svd = sigma = None
+    if covariance or singular_value:
+        stats = _kernels.spectral_stats(zs, precision=precision, singular_values=singular_value, covariance=covariance)
+        sigma = stats.singular_values
+        if covariance:
+            cov = stats.offdiag_energy / zs.shape[-1]  # type: ignore[operator]
+        if singular_value:
+            svd = ratio_from_singular_values(sigma, top_k)  # type: ignore[arg-type]
+    sve = lsvr = None
+    if metrics:
+        with torch.no_grad():
+            if sigma is None:
+                sigma = _kernels.spectral_stats(zs.detach(), precision=precision, covariance=False).singular_values
+            sve = entropy_from_singular_values(sigma.detach())  # type: ignore[union-attr]
+            lsvr = lsvr_from_singular_values(sigma.detach())  # type: ignore[union-attr]
+    return Terms(mse, cov, svd, sve, lsvr)

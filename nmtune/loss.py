@@ -271,52 +271,30 @@ class NMTuneRegularizer(nn.Module):
         if cfg.check_finite:  # one host sync for both tensors
             NF.validate_finite(z, "z", also=f if cfg.uses_consistency else None, also_name="f")
 
-        if cfg.uses_spectrum or cfg.uses_covariance:  # one Gram product serves both
-            stats = _kernels.spectral_stats(
-                zs, precision=cfg.precision, singular_values=cfg.uses_spectrum, covariance=cfg.uses_covariance
-            )
-        else:
-            stats = _kernels.SpectralStats(None, None)
-
-        mse = cov = svd = None
-        terms: list[Tensor] = []
-        if cfg.uses_consistency:
-            mse = NF.consistency_loss(*_paired_views(z, f, views), mode=cfg.consistency,  # type: ignore[arg-type]
-                                      check_finite=False)
-            terms.append(cfg.mse_weight * mse.to(torch.promote_types(mse.dtype, torch.float32)))
-        if stats.offdiag_energy is not None:
-            cov = (stats.offdiag_energy / zs.shape[-1]).mean()
-            terms.append(cfg.cov_weight * cov)
-        if stats.singular_values is not None:
-            svd = NF.ratio_from_singular_values(stats.singular_values, cfg.top_k).mean()
-            terms.append(cfg.svd_weight * svd)
-        # With every term off, a zero that keeps each parameter behind z in the graph (DDP).
+        terms = NF.nmtune_terms(
+            *_paired_views(z, f, views) if cfg.uses_consistency else (z, None),  # type: ignore[arg-type]
+            covariance=cfg.uses_covariance, singular_value=cfg.uses_spectrum, metrics=return_components,
+            top_k=cfg.top_k, mode=cfg.consistency, precision=cfg.precision, statistics_of=zs,
+        )
+        mse, cov, svd = terms.consistency, terms.covariance, terms.singular_value
+        weighted = [w * t.mean() for w, t in ((cfg.mse_weight, mse), (cfg.cov_weight, cov), (cfg.svd_weight, svd))
+                    if t is not None]
         out_dtype = _kernels.result_dtype(z.dtype)  # float32 for half inputs: a half sum overflows
-        reg = (cfg.lambda_ * sum(terms[1:], terms[0])).to(out_dtype) if terms else (z.sum() * 0).to(out_dtype)
+        # With every term off, a zero that keeps each parameter behind z in the graph (DDP).
+        reg = (cfg.lambda_ * sum(weighted[1:], weighted[0])) if weighted else z.sum() * 0
+        reg = reg.to(out_dtype)
         if not return_components:
             return reg
+        zero = z.new_zeros((), dtype=out_dtype)
 
-        with torch.no_grad():
-            sigma = stats.singular_values
-            if sigma is None:
-                sigma = _kernels.spectral_stats(zs.detach(), precision=cfg.precision, covariance=False).singular_values
-            metrics = NF.spectrum_metrics(sigma.detach())  # type: ignore[union-attr]
-            zero_d = z.new_zeros((), dtype=out_dtype)
+        def detached(t: Tensor | None) -> Tensor:
+            return zero if t is None else t.detach().mean().to(out_dtype)
 
-            def _d(t: Tensor | None) -> Tensor:
-                return zero_d if t is None else t.detach().to(out_dtype).reshape(())
-
-            return LossComponents(
-                loss=reg,
-                task=zero_d,
-                regularizer=reg.detach(),
-                consistency=_d(mse),
-                covariance=_d(cov),
-                singular_value=_d(svd),
-                sve=metrics["sve"].mean().to(out_dtype),
-                lsvr=metrics["lsvr"].mean().to(out_dtype),
-                skipped=zero_d,
-            )
+        return LossComponents(
+            loss=reg, task=zero, regularizer=reg.detach(), consistency=detached(mse), covariance=detached(cov),
+            singular_value=detached(svd), sve=detached(terms.sve), lsvr=detached(terms.lsvr),
+            skipped=zero,
+        )
 
     @staticmethod
     def _skipped(z: Tensor, return_components: bool) -> Tensor | LossComponents:
