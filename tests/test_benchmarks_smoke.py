@@ -7,21 +7,16 @@ from __future__ import annotations
 
 import csv
 import math
+import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-import torch
-
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCH))
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+def _run(script: str, *args: str) -> int:
+    """Run a benchmark script as a user would (its own process: no sys.path or thread-count leaks)."""
+    return subprocess.run([sys.executable, str(BENCH / script), *args], timeout=600).returncode
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
@@ -34,11 +29,8 @@ def _ratios(row: dict[str, str]) -> dict[str, float]:
 
 
 def test_bench_kernels_smoke(tmp_path: Path) -> None:
-    import bench_kernels
-
-    code = bench_kernels.main(
-        ["--quick", "--shapes", "16x24,40x8", "--dtypes", "float32", "--repeats", "1", "--out-dir", str(tmp_path)]
-    )
+    code = _run("bench_kernels.py", "--quick", "--shapes", "16x24,40x8", "--dtypes", "float32", "--repeats", "1",
+                "--out-dir", str(tmp_path))
     assert code == 0
     rows = _rows(tmp_path / "bench_kernels.csv")
     assert [(r["M"], r["D"]) for r in rows] == [("16", "24"), ("40", "8")]
@@ -54,12 +46,8 @@ def test_bench_kernels_smoke(tmp_path: Path) -> None:
 
 
 def test_bench_overhead_smoke(tmp_path: Path) -> None:
-    import bench_overhead
-
-    code = bench_overhead.main(
-        ["--quick", "--shapes", "16x32", "--repeats", "1", "--lora-batch", "4", "--lora-seq", "8",
-         "--malloc", "default", "--out-dir", str(tmp_path)]
-    )
+    code = _run("bench_overhead.py", "--quick", "--shapes", "16x32", "--repeats", "1", "--lora-batch", "4",
+                "--lora-seq", "8", "--malloc", "default", "--out-dir", str(tmp_path))
     assert code == 0
     rows = _rows(tmp_path / "bench_overhead.csv")
     assert [r["head"] for r in rows] == ["paper", "official"]
