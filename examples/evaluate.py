@@ -63,9 +63,9 @@ METHODS = ("lp", "mlp", "nmtune")
 
 
 def _loader(ds, batch_size: int, workers: int = 0):
-    src = pt._tensor_source(ds)
+    src = vd.tensor_source(ds)
     if src is not None:
-        return pt._TensorBatches(ds, batch_size, None)
+        return vd.TensorBatches(ds, batch_size, None)
     return DataLoader(ds, batch_size=batch_size, num_workers=workers)
 
 
@@ -96,7 +96,7 @@ def task_features(
            "num_classes": task.num_classes, "kind": task.kind, "name": task.name}
     if cache_file is not None:
         pathlib.Path(cache_file).parent.mkdir(parents=True, exist_ok=True)
-        pt._atomic_save(out, pathlib.Path(cache_file))
+        atomic_save(out, pathlib.Path(cache_file))
     return out
 
 
@@ -233,8 +233,8 @@ def _lora_records(backbone_path: str, tasks: Sequence[vd.ImageTask], gamma: floa
                 params = [p for p in wrapped.parameters() if p.requires_grad]
                 opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-4)
                 g = torch.Generator().manual_seed(seed)
-                src = pt._tensor_source(task.train)
-                train_iter = (lambda: pt._TensorBatches(task.train, batch_size, g)) if src is not None else (
+                src = vd.tensor_source(task.train)
+                train_iter = (lambda: vd.TensorBatches(task.train, batch_size, g)) if src is not None else (
                     lambda: DataLoader(task.train, batch_size=batch_size, shuffle=True, generator=g))
                 for _ in range(epochs):
                     wrapped.train()

@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import _vision_data as vd  # noqa: E402
+from _common import atomic_save  # noqa: E402
 
 from nmtune.noise import symmetric_noise  # noqa: E402
 
@@ -119,43 +120,6 @@ def _set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
     generator.set_state(state["data"])
 
 
-def _atomic_save(obj: Any, path: pathlib.Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _tensor_source(ds) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(uint8 images, labels)`` when ``ds`` is (a relabelling of) a TensorImageDataset."""
-    if isinstance(ds, vd.RelabeledDataset) and isinstance(ds.base, vd.TensorImageDataset):
-        return ds.base.images, ds.labels
-    if isinstance(ds, vd.TensorImageDataset):
-        return ds.images, ds.labels
-    return None
-
-
-class _TensorBatches:
-    """Batches of an in-memory image tensor in the order drawn from ``generator``
-    (sequential when ``generator`` is None; then the last partial batch is kept)."""
-
-    def __init__(self, ds, batch_size: int, generator: torch.Generator | None) -> None:
-        self.images, self.labels = _tensor_source(ds)
-        self.batch_size, self.generator = batch_size, generator
-
-    def __len__(self) -> int:
-        n = len(self.labels)
-        if self.generator is not None:  # training: drop the last partial batch, but keep at least one
-            return max(1, n // self.batch_size) if n else 0
-        return -(-n // self.batch_size)
-
-    def __iter__(self):
-        n = len(self.labels)
-        order = torch.randperm(n, generator=self.generator) if self.generator is not None else torch.arange(n)
-        for i in range(len(self)):
-            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
-            yield self.images[idx].float() / 127.5 - 1.0, self.labels[idx]
-
-
 def _dist_info() -> tuple[int, int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     return world, int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
@@ -222,15 +186,15 @@ def pretrain(
     random.seed(config.seed)
     noisy = symmetric_noise(data.labels, config.noise, num_classes=data.num_classes, seed=config.seed + 1000)
     if rank == 0:
-        _atomic_save({"labels": noisy.labels, "mask": noisy.mask, "noise": config.noise}, out / "noisy_labels.pt")
+        atomic_save({"labels": noisy.labels, "mask": noisy.mask, "noise": config.noise}, out / "noisy_labels.pt")
     train_ds = vd.RelabeledDataset(data.train, noisy.labels)
 
     model = build_backbone(config.arch, data.num_classes, data.in_chans, pretrained=config.pretrained).to(device)
     generator = torch.Generator().manual_seed(config.seed)
-    fast = not distributed and _tensor_source(train_ds) is not None
+    fast = not distributed and vd.tensor_source(train_ds) is not None
     if fast:  # in-memory uint8 tensors: index whole batches, no per-sample Python overhead
         sampler = None
-        loader = _TensorBatches(train_ds, config.batch_size, generator)
+        loader = vd.TensorBatches(train_ds, config.batch_size, generator)
     elif distributed:
         from torch.utils.data.distributed import DistributedSampler
 
@@ -241,7 +205,7 @@ def pretrain(
         sampler = None
         loader = DataLoader(train_ds, batch_size=config.batch_size, shuffle=True, drop_last=True,
                             num_workers=config.workers, generator=generator)
-    val_loader = (_TensorBatches(data.val, 512, None) if _tensor_source(data.val) is not None
+    val_loader = (vd.TensorBatches(data.val, 512, None) if vd.tensor_source(data.val) is not None
                   else DataLoader(data.val, batch_size=512, num_workers=config.workers))
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9, nesterov=True,
                                 weight_decay=config.weight_decay)
@@ -321,7 +285,7 @@ def pretrain(
                 "rng": _rng_state(generator),
                 "config": dataclasses.asdict(config),
             }
-            _atomic_save(state, ckpt)
+            atomic_save(state, ckpt)
             if progress:
                 tqdm.write(f"[pretrain g={config.noise:g}] epoch {epoch + 1}: loss {record['train_loss']:.3f} "
                            f"val acc {record['val_accuracy']:.4f}")
@@ -342,7 +306,7 @@ def pretrain(
     }
     if rank == 0:
         if metrics["finished"]:
-            _atomic_save({"model": (model.module if distributed else model).state_dict(),
+            atomic_save({"model": (model.module if distributed else model).state_dict(),
                           "arch": config.arch, "num_classes": data.num_classes, "in_chans": data.in_chans,
                           "noise": config.noise}, out / "model.pt")
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -378,7 +342,7 @@ def load_pretrain_data(dataset: str, data_root: str | None, *, image_size: int =
         data = vd.offline_pretrain_data(tiny=tiny)
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            _atomic_save(data, cache)
+            atomic_save(data, cache)
         return data
     if data_root is None:
         raise ValueError(f"--dataset {dataset} needs --data-root")

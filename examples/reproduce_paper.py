@@ -109,7 +109,7 @@ def _load_tasks(a: argparse.Namespace, cache: pathlib.Path) -> list[vd.ImageTask
         return torch.load(cache, weights_only=False)
     tasks = vd.offline_tasks(tiny=a.tiny)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    pt._atomic_save(tasks, cache)
+    atomic_save(tasks, cache)
     return tasks
 
 
