@@ -42,6 +42,8 @@ __all__ = [
     "plot_spectra",
     "plot_spectral_metrics",
     "summarize_records",
+    "verdict_counts",
+    "write_report",
 ]
 
 RECORD_KEYS = ("regime", "gamma", "pretrain_seed", "method", "kind", "task", "domain", "seed", "fraction",
@@ -139,14 +141,14 @@ def _per_seed(values: Mapping[float, Mapping[int, float]], gammas: Sequence[floa
 
 def _claim(claims: list, name: str, data: np.ndarray, stat: Callable, direction: int, unit: str,
            evidence: str, seed: int) -> None:
-    ci = S.hierarchical_bootstrap(data, stat, seed=seed)
-    per_pretrain = [float(stat(data[p:p + 1][None])[0]) for p in range(data.shape[0])]
-    t = S.t_interval(per_pretrain) if len(per_pretrain) > 1 else None
+    both, boot, t = S.study_interval(data, stat, seed=seed, bounds=(-1.0, 1.0) if unit == "rho" else
+                                     (-math.inf, math.inf))
     claims.append({
-        "claim": name, "verdict": S.verdict(ci.low, ci.high, direction), **ci.as_dict(), "direction": direction,
-        "unit": unit, "evidence": evidence, "per_pretrain_seed": per_pretrain,
-        "t_low": t.low if t else None, "t_high": t.high if t else None,
-        "t_verdict": S.verdict(t.low, t.high, direction) if t else None,
+        "claim": name, "verdict": S.verdict(both.low, both.high, direction), **both.as_dict(), "direction": direction,
+        "unit": unit, "evidence": evidence, "per_pretrain_seed": [float(stat(data[p:p + 1][None])[0])
+                                                                  for p in range(data.shape[0])],
+        "boot_low": boot.low, "boot_high": boot.high, "boot_verdict": S.verdict(boot.low, boot.high, direction),
+        "t_low": t.low, "t_high": t.high, "t_verdict": S.verdict(t.low, t.high, direction),
     })
 
 
@@ -311,16 +313,16 @@ def claims_markdown(claims: Sequence[Mapping[str, Any]]) -> str:
         >>> c = {"claim": "c", "verdict": "reproduced", "estimate": 1.0, "ci_low": 0.5, "ci_high": 1.5,
         ...      "unit": "points", "n_pretrain": 3, "n_tune": 3, "evidence": "e", "t_low": 0.1, "t_high": 2.0}
         >>> print(claims_markdown([c]).splitlines()[2])
-        | c | **reproduced** | +1.00 | [+0.50, +1.50] | [+0.10, +2.00] | points | 3 x 3 | e |
+        | c | **reproduced** | +1.00 | [+0.50, +1.50] | [-, -] | [+0.10, +2.00] | points | 3 x 3 | e |
     """
-    lines = ["| paper claim | verdict | estimate | 95% CI (bootstrap) | 95% CI (t, pre-training seeds) | unit "
-             "| seeds (pre-train x tune) | evidence |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| paper claim | verdict | estimate | 95% CI | bootstrap part | t part | unit "
+             "| seeds (pre-train x tune) | evidence |", "|---|---|---|---|---|---|---|---|---|"]
     for c in claims:
         u = c["unit"]
         v = c["verdict"] if c["verdict"] == "inconclusive" else f"**{c['verdict']}**"
-        lines.append(f"| {c['claim']} | {v} | {_fmt_num(c['estimate'], u)} | [{_fmt_num(c['ci_low'], u)}, "
-                     f"{_fmt_num(c['ci_high'], u)}] | [{_fmt_num(c.get('t_low'), u)}, {_fmt_num(c.get('t_high'), u)}]"
-                     f" | {u} | {c['n_pretrain']} x {c['n_tune']} | {c['evidence']} |")
+        ci, boot, t = ((_fmt_num(c.get(f"{k}_low"), u), _fmt_num(c.get(f"{k}_high"), u)) for k in ("ci", "boot", "t"))
+        lines.append(f"| {c['claim']} | {v} | {_fmt_num(c['estimate'], u)} | [{ci[0]}, {ci[1]}] | [{boot[0]}, "
+                     f"{boot[1]}] | [{t[0]}, {t[1]}] | {u} | {c['n_pretrain']} x {c['n_tune']} | {c['evidence']} |")
     return "\n".join(lines)
 
 
@@ -356,18 +358,18 @@ def ablation_table(records: Sequence[Mapping[str, Any]], ablation: str, *, seed:
         for kind in ("id", "ood"):
             cells = {}
             for v in variants:
-                sub = [dict(r, method=v) for r in rows if r["variant"] == v and r["method"] == method
-                       and r["kind"] == kind]
+                sub = [dict(r, method=v, gamma=0.0) for r in rows if r["variant"] == v  # averaged over gamma
+                       and r["method"] == method and r["kind"] == kind]
                 cells.update({k: c for k, c in _cells([{x: y for x, y in r.items() if x != "ablation"}
                                                         for r in sub], None).items()})
             have = [v for v in variants if any(k[0] == v for k in cells)]
             if not have:
                 continue
-            gammas = sorted({k[1] for k in cells})
-            a = grid(cells, have, gammas, kind, "accuracy", 100)  # (P, T, V, G)
+            gammas = sorted({float(r["gamma"]) for r in rows})
+            a = grid(cells, have, [0.0], kind, "accuracy", 100)  # (P, T, V, 1)
             for i, v in enumerate(have):
-                level = S.hierarchical_bootstrap(a[:, :, i], seed=seed)
-                diff = S.hierarchical_bootstrap(a[:, :, i] - a[:, :, 0], seed=seed)
+                level = S.study_interval(a[:, :, i], seed=seed)[0]
+                diff = S.study_interval(a[:, :, i] - a[:, :, 0], seed=seed)[0]
                 out.append({"ablation": ablation, "variant": v, "method": method, "kind": kind,
                             "gammas": gammas, "level": level.as_dict(), "diff": diff.as_dict(),
                             "diff_vs": have[0]})
@@ -475,3 +477,309 @@ def plot_ablation(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, *,
     if title:
         fig.suptitle(title)
     return _save(fig, path)
+
+
+def plot_noise_curves(
+    summaries_by_fraction: Mapping[float, Mapping[str, Any]], path: str | os.PathLike, *, method: str = "lp"
+) -> str:
+    """Figure 2 analogue: average ID and OOD accuracy vs pre-training noise, one line per
+    downstream data fraction. ``summaries_by_fraction[f]`` is a :func:`summarize_records` output.
+
+    Example:
+        >>> plot_noise_curves({1.0: summarize_records(records)}, "fig2.png")  # doctest: +SKIP
+    """
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for ax, kind in zip(axes, ("id", "ood")):
+        for frac, summ in sorted(summaries_by_fraction.items()):
+            if method not in summ:
+                continue
+            gs = sorted(g for g in summ[method] if kind in summ[method][g])
+            if not gs:
+                continue
+            m = [100 * summ[method][g][kind]["accuracy"][0] for g in gs]
+            s = [100 * summ[method][g][kind]["accuracy"][1] for g in gs]
+            ax.errorbar([100 * g for g in gs], m, yerr=s, marker="o", capsize=3, label=f"{100 * frac:g}% data")
+        ax.set_xlabel("pre-training noise ratio (%)")
+        ax.set_ylabel(f"avg {kind.upper()} accuracy (%)")
+        ax.set_title(f"{kind.upper()} ({method.upper()})")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_spectral_metrics(
+    backbone: Mapping[float, Mapping[str, Any]], path: str | os.PathLike
+) -> str:
+    """Figure 3 analogue. ``backbone[gamma]`` holds ``id_sve``, ``ood_lsvr`` and optional
+    per-task points ``id_points`` / ``ood_points`` (lists of ``(metric, accuracy)``).
+
+    Example:
+        >>> plot_spectral_metrics({0.0: {"id_sve": 3.6, "ood_lsvr": 1.6},
+        ...                        0.1: {"id_sve": 3.9, "ood_lsvr": 1.9}}, "fig3.png")  # doctest: +SKIP
+    """
+    plt = _plt()
+    gs = sorted(backbone)
+    has_points = all("id_points" in backbone[g] for g in gs)
+    fig, axes = plt.subplots(1, 4 if has_points else 2, figsize=(15 if has_points else 8, 3.5))
+    for ax, key, label in ((axes[0], "id_sve", "SVE (ID test features)"), (axes[1], "ood_lsvr", "LSVR (OOD test features)")):
+        ax.plot([100 * g for g in gs], [backbone[g][key] for g in gs], marker="o")
+        ax.set_xlabel("pre-training noise ratio (%)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    if has_points:
+        cmap = plt.get_cmap("viridis")
+        for ax, key, label in ((axes[2], "id_points", "SVE"), (axes[3], "ood_points", "LSVR")):
+            for i, g in enumerate(gs):
+                pts = backbone[g][key]
+                ax.scatter([p[0] for p in pts], [100 * p[1] for p in pts], color=cmap(i / max(1, len(gs) - 1)),
+                           label=f"{100 * g:g}%", s=25)
+            ax.set_xlabel(f"{label} per task")
+            ax.set_ylabel("LP accuracy (%)")
+            ax.legend(fontsize=7, title="noise")
+            ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_method_comparison(summary: Mapping[str, Any], path: str | os.PathLike,
+                           methods: Sequence[str] = ("lp", "mlp", "nmtune")) -> str:
+    """Figure 5 analogue: ID F1, ID SVE, OOD F1, OOD LSVR vs noise for each method.
+
+    Example:
+        >>> plot_method_comparison(summarize_records(records), "fig5.png")  # doctest: +SKIP
+    """
+    plt = _plt()
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    panels = (("id", "macro_f1", "avg ID macro-F1 (%)"), ("id", "sve", "ID SVE"),
+              ("ood", "macro_f1", "avg OOD macro-F1 (%)"), ("ood", "lsvr", "OOD LSVR"))
+    for ax, (kind, metric, label) in zip(axes, panels):
+        for m in methods:
+            if m not in summary:
+                continue
+            gs = sorted(g for g in summary[m] if kind in summary[m][g])
+            scale = 100 if metric == "macro_f1" else 1
+            ax.errorbar([100 * g for g in gs], [scale * summary[m][g][kind][metric][0] for g in gs],
+                        yerr=[scale * summary[m][g][kind][metric][1] for g in gs], marker="o", capsize=3,
+                        label=m.upper() if m != "nmtune" else "NMTune")
+        ax.set_xlabel("pre-training noise ratio (%)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_spectra(spectra: Mapping[str, Sequence[float]], path: str | os.PathLike, *, title: str = "") -> str:
+    """Normalised singular value spectra (``s_i / sum s``, log scale), one line per entry.
+
+    Example:
+        >>> plot_spectra({"clean": [3.0, 2.0, 1.0]}, "s.png")  # doctest: +SKIP
+    """
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for name, s in spectra.items():
+        t = np.asarray(list(s), dtype=np.float64)
+        ax.plot(range(1, len(t) + 1), t / max(t.sum(), 1e-300), label=name)
+    ax.set_yscale("log")
+    ax.set_xlabel("singular value index")
+    ax.set_ylabel("s_i / sum s")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+# ----------------------------------------------------------------------------- the report file
+
+STATISTICS = (
+    "Each claim is decided from paired cells: LP, MLP and NMTune (and the noise ratios) are compared on the same "
+    "pre-trained model, tuning seed and data split, and the same seeds are used at every noise ratio. The 95% "
+    "interval is a hierarchical percentile bootstrap (4,000 replicates, seed 0; `examples/_stats.py`) that "
+    "resamples pre-training seeds first, then tuning seeds within each, widened to Student's t interval over the "
+    "per-pre-training-seed estimates wherever that is wider (with 3 pre-training seeds a percentile bootstrap "
+    "cannot reach beyond the range of the three seed estimates and covers about 75%, not 95%; both parts are "
+    "shown). Verdicts: **reproduced** (the interval "
+    "excludes 0 in the paper's direction), **contradicted** (it excludes 0 the other way), inconclusive "
+    "otherwise. Trend claims (monotone in noise) use Spearman's rank correlation between noise ratio and the "
+    "metric, computed per pre-training seed (tuning seeds averaged first) and averaged.")
+
+
+def _pct(g: float) -> str:
+    return f"{100 * g:g}%"
+
+
+def _table1(summary: Mapping[str, Any], gammas: Sequence[float]) -> list[str]:
+    methods = [m for m in ("zeroshot", "lp", "mlp", "nmtune", "lora", "lora+nmtune") if m in summary]
+    rows = ["| noise | method | ID acc | ID F1 | OOD acc | OOD F1 |", "|---|---|---|---|---|---|"]
+    for g in gammas:
+        for m in methods:
+            cells = []
+            for kind in ("id", "ood"):
+                for key in ("accuracy", "macro_f1"):
+                    mu, sd = summary[m].get(g, {}).get(kind, {}).get(key, (float("nan"), float("nan")))
+                    cells.append(f"{100 * mu:.2f} ± {100 * sd:.2f}")
+            rows.append(f"| {_pct(g)} | {_name(m)} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def _pretrain_rows(acc: Mapping[float, Mapping[int, float | None]]) -> list[str]:
+    rows = ["| noise | val acc, mean ± std over pre-training seeds | per seed |", "|---|---|---|"]
+    for g in sorted(acc):
+        v = [x for x in acc[g].values() if x is not None]
+        mu, sd = mean_std(100 * x for x in v)
+        rows.append(f"| {_pct(g)} | {mu:.2f} ± {sd:.2f} | " + ", ".join(f"{100 * x:.2f}" for x in v) + " |")
+    return rows
+
+
+def _mean_backbone(backbone: Mapping[float, Mapping[int, Mapping[str, Any]]]) -> dict[float, dict[str, Any]]:
+    out = {}
+    for g, by in backbone.items():
+        bs = list(by.values())
+        b: dict[str, Any] = {k: float(np.mean([x[k] for x in bs])) for k in ("id_sve", "ood_lsvr")
+                             if all(k in x for x in bs)}
+        for k in ("id_points", "ood_points"):
+            if all(k in x for x in bs):
+                b[k] = [tuple(p) for x in bs for p in x[k]]
+        out[g] = b
+    return out
+
+
+def _section(sec: Mapping[str, Any], out: Any, fig_dir: Any) -> tuple[list[str], list[dict[str, Any]], dict]:
+    """Markdown lines, claims and figure paths of one regime."""
+    import pathlib
+
+    regime = sec["regime"]
+    records = sec["records"]
+    gammas = sorted({float(r["gamma"]) for r in records})
+    full = max(float(r["fraction"]) for r in records)
+    claims = [dict(c, regime=regime) for c in check_claims(records, backbone=sec.get("backbone"),
+                                                             pretrain_accuracy=sec.get("pretrain_accuracy"))]
+    summary = summarize_records(records, fraction=full)
+    figs = {f"{regime}_forest": plot_forest(claims, fig_dir / f"{regime}_forest.png", title=f"{regime} regime")}
+    n = verdict_counts(claims)
+    lines = [f"## {regime.capitalize()} regime", "",
+             f"**{n['reproduced']} reproduced, {n['contradicted']} contradicted, {n['inconclusive']} inconclusive "
+             f"of {len(claims)} claims.**", "", "### Claims", "", claims_markdown(claims), "",
+             f"![forest](figures/{regime}_forest.png)", ""]
+    if sec.get("pretrain_accuracy"):
+        lines += ["### Pre-training", "", *_pretrain_rows(sec["pretrain_accuracy"]), ""]
+    lines += [f"### Table 1 analogue (mean ± std over pre-training x tuning seeds, {_pct(full)} of the data)", "",
+              *_table1(summary, gammas), ""]
+    if regime == "supervised":
+        bb = _mean_backbone(sec.get("backbone") or {})
+        figs["fig2"] = plot_noise_curves({full: summary}, fig_dir / "fig2_noise_vs_accuracy.png")
+        figs["fig5"] = plot_method_comparison(summary, fig_dir / "fig5_methods.png")
+        lines += ["### Figure 2 analogue: LP accuracy vs pre-training noise", "",
+                  "![fig2](figures/fig2_noise_vs_accuracy.png)", "",
+                  "### Figure 5 analogue: LP vs MLP vs NMTune", "", "![fig5](figures/fig5_methods.png)", ""]
+        if bb and all("id_sve" in b and "ood_lsvr" in b for b in bb.values()):
+            figs["fig3"] = plot_spectral_metrics(bb, fig_dir / "fig3_sve_lsvr.png")
+            lines += ["### Figure 3 analogue: SVE (ID) and LSVR (OOD) of the frozen features (mean over "
+                      "pre-training seeds)", "", "| noise | SVE (ID) | LSVR (OOD) |", "|---|---|---|",
+                      *(f"| {_pct(g)} | {b['id_sve']:.4f} | {b['ood_lsvr']:.4f} |" for g, b in sorted(bb.items())),
+                      "", "![fig3](figures/fig3_sve_lsvr.png)", ""]
+        lines += _spectra_lines(sec, records, fig_dir, figs)
+    for f in sec.get("figures", []):
+        rel = os.path.relpath(f, out)
+        lines += [f"![{pathlib.Path(f).stem}]({rel})", ""]
+    lines += _ablation_lines(sec.get("ablation_records", []), fig_dir, figs)
+    return lines, claims, figs
+
+
+def _spectra_lines(sec, records, fig_dir, figs) -> list[str]:
+    spectra = sec.get("spectra") or {}
+    if not spectra:
+        return []
+    g0 = min(spectra)
+    first_id = next((t for t in spectra[g0] if any(r["task"] == t and r["kind"] == "id" for r in records)), None)
+    if first_id is None:
+        return []
+    figs["spectra_noise"] = plot_spectra({_pct(g): spectra[g][first_id]["backbone"] for g in sorted(spectra)},
+                                         fig_dir / "spectra_backbone.png",
+                                         title=f"pre-trained features, {first_id} test (first pre-training seed)")
+    figs["spectra_methods"] = plot_spectra(
+        {("LP (Z = F)" if m == "lp" else _name(m)): v for m, v in spectra[g0][first_id].items() if m != "backbone"},
+        fig_dir / "spectra_methods.png", title=f"tuned features Z, {first_id} test, {_pct(g0)} noise")
+    return ["Singular value spectra (rows L2-normalised):", "",
+            "![spectra](figures/spectra_backbone.png) ![spectra](figures/spectra_methods.png)", ""]
+
+
+def _ablation_lines(abl: Sequence[Mapping[str, Any]], fig_dir, figs) -> list[str]:
+    names = list(dict.fromkeys(r["ablation"] for r in abl))
+    if not names:
+        return []
+    lines = ["### Ablations", "", "Accuracy in points with its 95% interval (same bootstrap), and the paired "
+             "difference to the first variant of the same method.", ""]
+    titles = {"terms": "NMTune's terms removed and alone", "top_k": "top_k of L_SVD",
+              "fractions": "downstream data fraction (Figure 5 analogue)",
+              "label_noise": "noisy downstream labels on the ID tasks",
+              "asymmetric": "asymmetric pre-training noise (only the classes shared with the OOD task)"}
+    for name in names:
+        rows = ablation_table(abl, name)
+        if not rows:
+            continue
+        gs = ", ".join(_pct(g) for g in rows[0]["gammas"])
+        figs[f"ablation_{name}"] = plot_ablation(rows, fig_dir / f"ablation_{name}.png", title=titles.get(name, name))
+        lines += [f"#### {titles.get(name, name)} (pre-training noise {gs})", "", ablation_markdown(rows), "",
+                  f"![{name}](figures/ablation_{name}.png)", ""]
+    return lines
+
+
+def write_report(out: Any, sections: Sequence[Mapping[str, Any]], settings: Mapping[str, Any], *, command: str,
+                 timing: Mapping[str, Any], language_table: Any = None) -> dict[str, Any]:
+    """``report.md``, ``claims.json``, ``results.json`` and the figures of a study run.
+
+    Args:
+        out: the run folder.
+        sections: one dict per regime: ``regime``, ``records``, optional ``backbone``
+            (``{gamma: {pretrain_seed: {...}}}``), ``pretrain_accuracy``, ``ablation_records``,
+            ``spectra``, ``figures``, ``pretrain``.
+        settings: what was run (shown in the report).
+        command: the command line.
+        timing: ``{"wall": {stage: s}, "cpu": {stage: s}}``.
+        language_table: a language ``table.md`` to include, if any.
+    """
+    import json
+    import pathlib
+
+    from _common import atomic_write_text, machine_info
+
+    out = pathlib.Path(out)
+    fig_dir = out / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    body, claims, figs = [], [], {}
+    for sec in sections:
+        lines, cl, fg = _section(sec, out, fig_dir)
+        body += lines
+        claims += cl
+        figs.update(fg)
+    wall, cpu = timing.get("wall", {}), timing.get("cpu", {})
+    counts = {sec["regime"]: verdict_counts([c for c in claims if c["regime"] == sec["regime"]]) for sec in sections}
+    head = ["# NMTune study: noisy pre-training, ID/OOD evaluation", "",
+            f"- command: `{command}`", f"- machine: {machine_info()}",
+            "- wall time (s) by stage, summed over calls: " + ", ".join(f"{k} {v:.0f}" for k, v in wall.items())
+            + f"; total {sum(wall.values()):.0f}",
+            "- CPU time (s, user + system) by stage: " + ", ".join(f"{k} {v:.0f}" for k, v in cpu.items())
+            + f"; total {sum(cpu.values()):.0f}",
+            "- settings: " + "; ".join(f"{k} {v}" for k, v in settings.items()), "",
+            "Verdicts: " + "; ".join(f"{r}: {c['reproduced']} reproduced, {c['contradicted']} contradicted, "
+                                     f"{c['inconclusive']} inconclusive" for r, c in counts.items()) + ".", "",
+            "How claims are decided: " + STATISTICS, ""]
+    tail = []
+    if language_table is not None and pathlib.Path(language_table).exists():
+        lang = [("#" + ln if ln.startswith("#") else ln) for ln in pathlib.Path(language_table).read_text().splitlines()]
+        tail = ["## Table 2 analogue: language (`examples/language.py`)", "", *lang[1:], ""]
+    atomic_write_text(out / "report.md", "\n".join(head + body + tail) + "\n")
+    atomic_write_text(out / "claims.json", json.dumps(claims, indent=1))
+    result = {"settings": dict(settings), "claims": claims, "counts": counts, "command": command,
+              "machine": machine_info(), "timing": dict(timing),
+              "records": [r for sec in sections for r in sec["records"]],
+              "ablation_records": [r for sec in sections for r in sec.get("ablation_records", [])],
+              "pretrain_accuracy": {sec["regime"]: {str(g): {str(p): v for p, v in by.items()}
+                                                    for g, by in (sec.get("pretrain_accuracy") or {}).items()}
+                                    for sec in sections},
+              "backbone": {sec["regime"]: {str(g): {str(p): {k: v for k, v in b.items() if k != "per_test_set"}
+                                                    for p, b in by.items()}
+                                           for g, by in (sec.get("backbone") or {}).items()} for sec in sections},
+              "figures": {k: os.path.relpath(v, out) for k, v in figs.items()}}
+    atomic_write_text(out / "results.json", json.dumps(result, indent=1))
+    return result

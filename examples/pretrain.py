@@ -41,7 +41,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import _vision_data as vd  # noqa: E402
 from _common import atomic_save  # noqa: E402
 
-from nmtune.noise import symmetric_noise  # noqa: E402
+from nmtune.noise import asymmetric_noise, symmetric_noise  # noqa: E402
 
 __all__ = ["PretrainConfig", "build_backbone", "backbone_features", "pretrain", "load_backbone", "main"]
 
@@ -50,7 +50,13 @@ GLYPH_ARCH = "glyph_resnet"
 
 @dataclasses.dataclass
 class PretrainConfig:
-    """Pre-training recipe (SGD + nesterov momentum, warm-up then cosine, per step)."""
+    """Pre-training recipe (SGD + nesterov momentum, warm-up then cosine, per step).
+
+    ``noise_type`` is ``"symmetric"`` (``nmtune.noise.symmetric_noise`` over all
+    classes) or ``"asymmetric"`` (``nmtune.noise.asymmetric_noise``: the same ratio, only
+    within ``noise_classes``, e.g. the pre-training classes that overlap a downstream
+    task, as the paper does with the ImageNet classes overlapping CIFAR-100).
+    """
 
     arch: str = GLYPH_ARCH
     noise: float = 0.0
@@ -63,8 +69,15 @@ class PretrainConfig:
     amp: str = "bf16"  # "bf16", "fp16" or "off"; CUDA only
     workers: int = 0
     pretrained: bool = False
+    noise_type: str = "symmetric"
+    noise_classes: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        self.noise_classes = tuple(int(c) for c in self.noise_classes)
+        if self.noise_type not in ("symmetric", "asymmetric"):
+            raise ValueError(f"noise_type must be 'symmetric' or 'asymmetric', got {self.noise_type!r}")
+        if self.noise_type == "asymmetric" and len(set(self.noise_classes)) < 2:
+            raise ValueError(f"asymmetric noise needs at least 2 noise_classes, got {self.noise_classes!r}")
         if not 0.0 <= self.noise <= 1.0:
             raise ValueError(f"noise must be in [0, 1], got {self.noise!r}")
         for name in ("epochs", "batch_size"):
@@ -184,7 +197,10 @@ def pretrain(
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
     random.seed(config.seed)
-    noisy = symmetric_noise(data.labels, config.noise, num_classes=data.num_classes, seed=config.seed + 1000)
+    if config.noise_type == "asymmetric":
+        noisy = asymmetric_noise(data.labels, config.noise, classes=config.noise_classes, seed=config.seed + 1000)
+    else:
+        noisy = symmetric_noise(data.labels, config.noise, num_classes=data.num_classes, seed=config.seed + 1000)
     if rank == 0:
         atomic_save({"labels": noisy.labels, "mask": noisy.mask, "noise": config.noise}, out / "noisy_labels.pt")
     train_ds = vd.RelabeledDataset(data.train, noisy.labels)

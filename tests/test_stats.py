@@ -66,6 +66,9 @@ def test_bootstrap_rejects_bad_data():
         S.hierarchical_bootstrap([1.0, 2.0])
     with pytest.raises(ValueError, match="NaN"):
         S.hierarchical_bootstrap([[1.0, float("nan")]])
+    one = S.hierarchical_bootstrap([[0.4]])
+    assert one.estimate == 0.4 and one.low == -np.inf and one.high == np.inf
+    assert S.verdict(one.low, one.high, +1) == "inconclusive"
     with pytest.raises(ValueError, match="level"):
         S.hierarchical_bootstrap([[1.0]], level=1.5)
 
