@@ -208,13 +208,14 @@ def _method_claims(claims: list, cells, gammas, seed: int) -> None:
             _claim(claims, f"NMTune beats LP and MLP tuning on {kind.upper()} "
                    f"{metric.replace('macro_f1', 'macro-F1')} (mean over gamma; the smaller of the two margins)", a,
                    _beats_both, +1, "points", f"NMTune {m[0]:.2f}, LP {m[1]:.2f}, MLP {m[2]:.2f}", seed)
-    if "id" in kinds:
+    if "id" in kinds and len(gammas) > 1:
         f1 = grid(cells, three, gammas, "id", "macro_f1", 100)
         peak = f1.mean(axis=(0, 1))
         _claim(claims, "With NMTune the clean pre-trained model is best on ID (clean minus best noisy, macro-F1)",
                f1[:, :, 0], lambda x: _mean_pt(x)[:, 0] - _mean_pt(x)[:, 1:].max(axis=-1), +1, "points",
                "argmax over gamma: " + ", ".join(f"{_name(m)} {100 * gammas[int(np.argmax(peak[i]))]:g}%"
                                                  for i, m in enumerate(three)), seed)
+    if "id" in kinds:
         sve = grid(cells, three, gammas, "id", "sve")
         ms = sve.mean(axis=(0, 1, 3))
         _claim(claims, "NMTune's features have higher SVE than MLP tuning's on ID", sve,

@@ -321,6 +321,49 @@ def _test_noise(results: dict[str, Any]) -> list[str]:
 
 
 # --------------------------------------------------------------------------- the study
+def _tune_methods(t: TextTask, x_tr: torch.Tensor, evals: dict[str, Any], methods: Sequence[str],
+                  seeds: Sequence[int], overrides: dict[str, Any], loss_cfg: NMTuneConfig,
+                  say: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+    """Every method x seed on one task: per-seed results, their aggregate, and the per-item
+    correctness on the ID and (pooled) OOD test sets for the paired test-set error."""
+    method_res: dict[str, Any] = {}
+    correct: dict[str, list[dict[str, Any]]] = {}
+    for m in methods:
+        per_seed = []
+        correct[m] = []
+        for seed in seeds:
+            cfg = TuningConfig.recipe("language", m, seed=seed, **overrides)
+            if t.regression:
+                head = _fit_regression(x_tr, torch.from_numpy(t.train.labels.astype(np.float32)), m, cfg, loss_cfg)
+            else:
+                head = fit(x_tr, torch.from_numpy(t.train.labels), m, num_classes=t.num_classes,
+                           config=cfg, loss_config=loss_cfg).head
+            split_res = {name: _score_split(head, t, xe, ye) for name, (xe, ye) in evals.items()}
+            items = {name: r.pop("_correct", None) for name, r in split_res.items()}
+            ood_items = [v for k, v in items.items() if k.startswith("ood:") and v is not None]
+            correct[m].append({"id": items["id"], "ood": np.concatenate(ood_items) if ood_items else None})
+            ood_res = {k[4:]: v for k, v in split_res.items() if k.startswith("ood:")}
+            per_seed.append({"seed": seed, "splits": split_res, "summary": _summary(t, split_res["id"], ood_res)})
+        agg = _aggregate(per_seed)
+        method_res[m] = {"per_seed": per_seed, "aggregate": agg}
+        say(f"[language] {t.name} {_METHOD_NAMES[m]}: ID {_fmt(agg, 'id_score')}  OOD {_fmt(agg, 'ood_score')}")
+    return method_res, correct
+
+
+def _average(results: dict[str, Any], methods: Sequence[str]) -> dict[str, dict[str, dict[str, float]]]:
+    """Average over tasks (the paper's Table 2 reports task averages), seed by seed, then
+    mean ± std over seeds."""
+    average: dict[str, dict[str, dict[str, float]]] = {}
+    for m in methods:
+        average[m] = {}
+        for key in ("id_score", "ood_score", "id_acc", "ood_acc"):
+            runs = [[r["summary"][key] for r in tr["per_seed"][m]] for tr in results["tasks"].values()
+                    if key in tr["per_seed"][m][0]["summary"]]
+            if runs:
+                average[m][key] = _mean_std(np.mean(np.asarray(runs), axis=0))
+    return average
+
+
 def run_study(
     out_dir: str | os.PathLike,
     *,
@@ -417,29 +460,9 @@ def run_study(
             ood_spec = [_spectrum(evals[f"ood:{k}"][0]) for k in t.ood]
             frozen["ood"] = {k: float(np.mean([s[k] for s in ood_spec])) for k in ("sve", "lsvr")}
 
-        method_res: dict[str, Any] = {}
-        correct: dict[str, list[dict[str, Any]]] = {}
-        for m in methods:
-            per_seed = []
-            correct[m] = []
-            for seed in seeds:
-                ts = time.perf_counter()
-                cfg = TuningConfig.recipe("language", m, seed=seed, **overrides)
-                if t.regression:
-                    head = _fit_regression(x_tr, torch.from_numpy(t.train.labels.astype(np.float32)), m, cfg, loss_cfg)
-                else:
-                    head = fit(x_tr, torch.from_numpy(t.train.labels), m, num_classes=t.num_classes,
-                               config=cfg, loss_config=loss_cfg).head
-                split_res = {name: _score_split(head, t, xe, ye) for name, (xe, ye) in evals.items()}
-                items = {name: r.pop("_correct", None) for name, r in split_res.items()}
-                correct[m].append({"id": items["id"], "ood": np.concatenate(
-                    [v for k, v in items.items() if k.startswith("ood:")]) if t.ood and not t.regression else None})
-                ood_res = {k[4:]: v for k, v in split_res.items() if k.startswith("ood:")}
-                tune_seconds += time.perf_counter() - ts
-                per_seed.append({"seed": seed, "splits": split_res, "summary": _summary(t, split_res["id"], ood_res)})
-            agg = _aggregate(per_seed)
-            method_res[m] = {"per_seed": per_seed, "aggregate": agg}
-            say(f"[language] {t.name} {_METHOD_NAMES[m]}: ID {_fmt(agg, 'id_score')}  OOD {_fmt(agg, 'ood_score')}")
+        ts = time.perf_counter()
+        method_res, correct = _tune_methods(t, x_tr, evals, methods, seeds, overrides, loss_cfg, say)
+        tune_seconds += time.perf_counter() - ts
         lr_wd = {m: TuningConfig.recipe("language", m).resolved(m) for m in methods}
         results["tasks"][t.name] = {
             "description": _describe(t),
@@ -458,16 +481,7 @@ def run_study(
         for key in ("id_acc", "ood_acc") if not t.regression else ("id_score", "ood_score"):
             comparisons += _compare(t.name, ps, correct, key)
 
-    # Average over tasks (the paper's Table 2 reports task averages).
-    average: dict[str, dict[str, dict[str, float]]] = {}
-    for m in methods:
-        average[m] = {}
-        for key in ("id_score", "ood_score", "id_acc", "ood_acc"):
-            runs = [[r["summary"][key] for r in tr["per_seed"][m]] for tr in results["tasks"].values()
-                    if key in tr["per_seed"][m][0]["summary"]]
-            if runs:  # average across tasks seed by seed, then mean ± std over seeds
-                average[m][key] = _mean_std(np.mean(np.asarray(runs), axis=0))
-    results["average"] = average
+    results["average"] = _average(results, methods)
     results["comparisons"] = comparisons
     verdict = [f"{c['task']} {c['key']} vs {_METHOD_NAMES[c['vs']]}: {c['estimate']:+.2f} points, "
                f"combined 95% CI [{c['ci_low']:+.2f}, {c['ci_high']:+.2f}]: {c['verdict']}" for c in comparisons]

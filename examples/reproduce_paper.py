@@ -174,7 +174,11 @@ class _Clock:
         self.t.setdefault("cpu", {})
 
     def stage(self, name: str, t0: float, c0: float) -> None:
+        # Re-read first: several processes may work on one --out (e.g. one per noise ratio).
+        if self.path.exists():
+            self.t = json.loads(self.path.read_text())
         for key, now, start in (("wall", time.time(), t0), ("cpu", cpu_seconds(), c0)):
+            self.t.setdefault(key, {})
             self.t[key][name] = self.t[key].get(name, 0.0) + now - start
         atomic_write_text(self.path, json.dumps(self.t, indent=1))
 
