@@ -355,3 +355,32 @@ def test_tune_settings_validate_and_record() -> None:
         ev.TuneSettings(label_noise=1.0)
     with pytest.raises(ValueError, match=r"methods must be a non-empty subset of \('lp', 'mlp', 'nmtune'\)"):
         ev.TuneSettings(methods=["lora"])
+
+
+def test_asymmetric_pretrain_noise_stays_within_its_classes(tmp_path, tiny_data):
+    cfg = pt.PretrainConfig(noise=0.5, epochs=1, batch_size=16, noise_type="asymmetric", noise_classes=(0, 1, 2))
+    pt.pretrain(tiny_data, tmp_path, cfg, progress=False)
+    noisy = torch.load(tmp_path / "noisy_labels.pt", weights_only=False)
+    flipped = noisy["mask"]
+    assert int(flipped.sum()) == round(0.5 * int(torch.isin(tiny_data.labels, torch.tensor([0, 1, 2])).sum()))
+    assert set(tiny_data.labels[flipped].tolist()) <= {0, 1, 2} and set(noisy["labels"][flipped].tolist()) <= {0, 1, 2}
+    with pytest.raises(ValueError, match="noise_classes"):
+        pt.PretrainConfig(noise_type="asymmetric", noise_classes=(1,))
+    with pytest.raises(ValueError, match="noise_type"):
+        pt.PretrainConfig(noise_type="pair")
+
+
+def test_downstream_label_noise_only_touches_id_training_labels():
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(90) % 3
+    x = torch.randn(90, 8, generator=g) + 2.0 * torch.nn.functional.one_hot(y, 8).float()
+    base = dict(num_classes=3, train=(x, y), tests={"test": (x, y)})
+    clean = ev.TuneSettings(methods=("lp",), seeds=(0,), epochs=2, batch_size=16)
+    noisy = ev.TuneSettings(methods=("lp",), seeds=(0,), epochs=2, batch_size=16, label_noise=0.6)
+    acc = {}
+    for kind in ("id", "ood"):
+        feats = dict(base, name=kind, kind=kind)
+        acc[kind] = [ev.tune_and_score(feats, gamma=0.0, settings=s, pretrain_seed=4)[0] for s in (clean, noisy)]
+    assert acc["ood"][0]["accuracy"] == acc["ood"][1]["accuracy"]
+    assert acc["id"][0]["accuracy"] != acc["id"][1]["accuracy"]
+    assert acc["id"][0]["pretrain_seed"] == 4 and acc["id"][0]["regime"] == "supervised"
