@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import math
 import os
+import re
+import textwrap
 from collections import defaultdict
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -420,7 +422,7 @@ def plot_forest(claims: Sequence[Mapping[str, Any]], path: str | os.PathLike, *,
     plt = _plt()
     units = list(dict.fromkeys(c["unit"] for c in claims))
     heights = [sum(c["unit"] == u for c in claims) for u in units]
-    fig, axes = plt.subplots(len(units), 1, figsize=(9, 0.42 * sum(heights) + 1.4 * len(units)),
+    fig, axes = plt.subplots(len(units), 1, figsize=(10, 0.5 * sum(heights) + 1.4 * len(units)),
                              gridspec_kw={"height_ratios": heights}, squeeze=False)
     colors = {"reproduced": "tab:green", "contradicted": "tab:red", "inconclusive": "tab:gray"}
     for ax, u in zip(axes[:, 0], units):
@@ -432,7 +434,7 @@ def plot_forest(claims: Sequence[Mapping[str, Any]], path: str | os.PathLike, *,
             ax.plot([d * c["estimate"]], [i], "o", color=colors[c["verdict"]])
         ax.axvline(0, color="k", ls="--", lw=0.8)
         ax.set_yticks(range(len(cs)))
-        ax.set_yticklabels([c["claim"][:70] for c in cs], fontsize=7)
+        ax.set_yticklabels([textwrap.fill(re.sub(r" \([^()]*\)$", "", c["claim"]), 48) for c in cs], fontsize=7)
         ax.invert_yaxis()
         ax.set_xlabel(f"estimate in the paper's direction ({u}); right of 0 = as the paper says")
         ax.grid(alpha=0.3, axis="x")

@@ -240,10 +240,8 @@ def _ablation_plan(name: str, a, s) -> list[tuple[str, dict[str, Any]]]:
     if name == "terms":
         return [(v, {"methods": ("nmtune",), "loss_config": NMTuneConfig.from_preset(cfg, **o)} if o else None)
                 for v, o in _TERM_VARIANTS.items()]
-    if name == "top_k":
-        base = NMTuneConfig.from_preset(cfg).top_k
-        return [(f"top_k={k}", None if k == base else {"methods": ("nmtune",),
-                                                        "loss_config": NMTuneConfig.from_preset(cfg, top_k=k)})
+    if name == "top_k":  # all three rerun: the batch size may differ from the main run's (see _safe_batch)
+        return [(f"top_k={k}", {"methods": ("nmtune",), "loss_config": NMTuneConfig.from_preset(cfg, top_k=k)})
                 for k in (1, 3, 5)]
     if name == "fractions":
         return [(f"{100 * f:g}% data", None if f in s["fractions"] else {"fractions": (f,)})
@@ -251,6 +249,20 @@ def _ablation_plan(name: str, a, s) -> list[tuple[str, dict[str, Any]]]:
     if name == "label_noise":
         return [(f"eta={100 * e:g}%", None if e == 0 else {"label_noise": e}) for e in (0.0, 0.1, 0.3)]
     raise ValueError(f"unknown ablation {name!r}; expected one of {ABLATIONS}")
+
+
+def _safe_batch(n: int, batch_size: int, min_rows: int) -> int:
+    """The largest batch size <= ``batch_size`` whose trailing batch of ``n`` rows is empty or
+    has at least ``min_rows`` rows (L_SVD with ``top_k = k`` needs ``k`` rows in every batch).
+
+    Example:
+        >>> _safe_batch(387, 128, 5), _safe_batch(256, 128, 5)
+        (127, 128)
+    """
+    for b in range(batch_size, min_rows - 1, -1):
+        if n % b == 0 or n % b >= min_rows:
+            return b
+    return n
 
 
 def _ablation(name: str, a, s, out: pathlib.Path, data, tasks, main_records, log) -> list[dict[str, Any]]:
@@ -279,8 +291,12 @@ def _ablation(name: str, a, s, out: pathlib.Path, data, tasks, main_records, log
                 if name == "label_noise" and t.kind != "id":
                     continue
                 feats = torch.load(out / "features" / sub / f"{t.name}.pt", weights_only=False)
+                task_tuning = tuning
+                if name == "top_k":
+                    bs = _safe_batch(len(feats["train"][1]), tuning.batch_size, 5)
+                    task_tuning = dataclasses.replace(tuning, batch_size=bs)
                 recs += [dict(r, ablation=name, variant=variant)
-                         for r in ev.tune_and_score(feats, gamma=g, settings=tuning, pretrain_seed=seed)]
+                         for r in ev.tune_and_score(feats, gamma=g, settings=task_tuning, pretrain_seed=seed)]
             cache.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(cache, json.dumps({"settings": key, "records": recs}))
             rows += recs
