@@ -416,7 +416,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
 def refresh_results(out: pathlib.Path, dest: pathlib.Path) -> None:
     """Copy a run's report files into ``dest`` (the committed ``examples/results/``)."""
     dest.mkdir(parents=True, exist_ok=True)
-    for name in ("report.md", "claims.json", "results.json", "timing.json", "per_task_tables.md"):
+    for name in ("report.md", "claims.json", "results.json", "timing.json"):
         if (out / name).exists():
             shutil.copy2(out / name, dest / name)
     if (out / "figures").exists():
