@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from _common import macro_f1, spearman
+
 __all__ = [
     "GLUE_TASKS",
     "GLUE_X_OOD",
@@ -164,26 +166,6 @@ def _f1_binary(y: np.ndarray, p: np.ndarray, positive: int = 1) -> float:
     return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn > 0 else 0.0
 
 
-def _macro_f1(y: np.ndarray, p: np.ndarray) -> float:
-    classes = np.unique(y)
-    return float(np.mean([_f1_binary(y, p, int(c)) for c in classes])) if len(classes) else 0.0
-
-
-def _ranks(x: np.ndarray) -> np.ndarray:
-    # Average ranks of ties (like scipy.stats.rankdata(method="average")), 1-based.
-    order = np.argsort(x, kind="mergesort")
-    xs = x[order]
-    ranks = np.empty(len(x), dtype=np.float64)
-    i = 0
-    while i < len(xs):
-        j = i
-        while j + 1 < len(xs) and xs[j + 1] == xs[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
-        i = j + 1
-    return ranks
-
-
 def _pearson(a: np.ndarray, b: np.ndarray) -> float:
     a = np.asarray(a, dtype=np.float64) - np.mean(a)
     b = np.asarray(b, dtype=np.float64) - np.mean(b)
@@ -223,11 +205,11 @@ def task_metrics(metric: str, y_true: Sequence | np.ndarray, y_pred: Sequence | 
         )
     if metric == "pearson_spearman":
         pear = _pearson(y, p)
-        spear = _pearson(_ranks(y.astype(np.float64)), _ranks(p.astype(np.float64)))
+        spear = spearman(y, p)
         return {"pearson": pear, "spearman": spear, "score": (pear + spear) / 2}
     y = y.astype(np.int64)
     p = p.astype(np.int64)
-    out = {"accuracy": _accuracy(y, p), "macro_f1": _macro_f1(y, p)}
+    out = {"accuracy": _accuracy(y, p), "macro_f1": macro_f1(y, p)}
     if metric == "matthews":
         out["matthews"] = _matthews(y, p)
         out["score"] = out["matthews"]

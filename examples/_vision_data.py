@@ -39,6 +39,8 @@ __all__ = [
     "PretrainData",
     "TensorImageDataset",
     "RelabeledDataset",
+    "TensorBatches",
+    "tensor_source",
     "render_glyphs",
     "offline_pretrain_data",
     "offline_tasks",
@@ -235,6 +237,49 @@ class RelabeledDataset(Dataset):
 
     def __getitem__(self, i: int):
         return self.base[i][0], self.labels[i]
+
+
+def tensor_source(ds) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(uint8 images, labels)`` when ``ds`` is (a relabelling of) a :class:`TensorImageDataset`, else None.
+
+    Example:
+        >>> ds = TensorImageDataset(torch.zeros(2, 1, 4, 4, dtype=torch.uint8), torch.tensor([0, 1]))
+        >>> tensor_source(RelabeledDataset(ds, torch.tensor([1, 0])))[1].tolist()
+        [1, 0]
+    """
+    if isinstance(ds, RelabeledDataset) and isinstance(ds.base, TensorImageDataset):
+        return ds.base.images, ds.labels
+    if isinstance(ds, TensorImageDataset):
+        return ds.images, ds.labels
+    return None
+
+
+class TensorBatches:
+    """Batches of an in-memory image tensor in the order drawn from ``generator``
+    (sequential when ``generator`` is None; then the last partial batch is kept).
+
+    Example:
+        >>> ds = TensorImageDataset(torch.zeros(5, 1, 4, 4, dtype=torch.uint8), torch.arange(5))
+        >>> [len(y) for _, y in TensorBatches(ds, 2, None)]
+        [2, 2, 1]
+    """
+
+    def __init__(self, ds, batch_size: int, generator: torch.Generator | None) -> None:
+        self.images, self.labels = tensor_source(ds)
+        self.batch_size, self.generator = batch_size, generator
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        if self.generator is not None:  # training: drop the last partial batch, but keep at least one
+            return max(1, n // self.batch_size) if n else 0
+        return -(-n // self.batch_size)
+
+    def __iter__(self):
+        n = len(self.labels)
+        order = torch.randperm(n, generator=self.generator) if self.generator is not None else torch.arange(n)
+        for i in range(len(self)):
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            yield self.images[idx].float() / 127.5 - 1.0, self.labels[idx]
 
 
 @dataclasses.dataclass

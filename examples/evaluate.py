@@ -44,9 +44,12 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import _vision_data as vd  # noqa: E402
 import pretrain as pt  # noqa: E402
+from _common import SPECTRUM_NORMALIZE_ROWS, atomic_save, atomic_write_text, mean_std  # noqa: E402
+from _report import summarize_records  # noqa: E402
 
 from nmtune import NMTuneConfig, TuningConfig, evaluate, extract_features, fit  # noqa: E402
-from nmtune.analysis import mean_std, spectrum_summary, summarize_records  # noqa: E402
+from nmtune.analysis import feature_spectrum, spectrum_summary  # noqa: E402
+from nmtune.noise import symmetric_noise  # noqa: E402
 
 __all__ = [
     "task_features",
@@ -54,6 +57,7 @@ __all__ = [
     "TuneSettings",
     "tune_and_score",
     "backbone_metrics",
+    "spectrum_values",
     "run_evaluation",
     "results_markdown",
     "main",
@@ -63,9 +67,9 @@ METHODS = ("lp", "mlp", "nmtune")
 
 
 def _loader(ds, batch_size: int, workers: int = 0):
-    src = pt._tensor_source(ds)
+    src = vd.tensor_source(ds)
     if src is not None:
-        return pt._TensorBatches(ds, batch_size, None)
+        return vd.TensorBatches(ds, batch_size, None)
     return DataLoader(ds, batch_size=batch_size, num_workers=workers)
 
 
@@ -96,7 +100,7 @@ def task_features(
            "num_classes": task.num_classes, "kind": task.kind, "name": task.name}
     if cache_file is not None:
         pathlib.Path(cache_file).parent.mkdir(parents=True, exist_ok=True)
-        pt._atomic_save(out, pathlib.Path(cache_file))
+        atomic_save(out, pathlib.Path(cache_file))
     return out
 
 
@@ -131,6 +135,10 @@ class TuneSettings:
         epochs: Tuning epochs (the paper's vision recipe otherwise).
         loss_config: The NMTune preset or config for the ``nmtune`` rows.
         batch_size: Tuning batch size.
+        label_noise: Symmetric noise ratio put on the *downstream* training labels of
+            in-domain tasks (seeded by the tuning seed); 0 keeps them clean.
+        normalize_rows: Spectral metrics on L2-normalised rows
+            (``_common.SPECTRUM_NORMALIZE_ROWS``, shared with the language study).
     """
 
     methods: tuple[str, ...] = METHODS
@@ -139,6 +147,8 @@ class TuneSettings:
     epochs: int = 30
     loss_config: NMTuneConfig | str = "paper"
     batch_size: int = 256
+    label_noise: float = 0.0
+    normalize_rows: bool = SPECTRUM_NORMALIZE_ROWS
 
     def __post_init__(self) -> None:
         for name in ("methods", "seeds", "fractions"):
@@ -146,13 +156,16 @@ class TuneSettings:
         unknown = sorted(set(self.methods) - set(METHODS))
         if unknown or not self.methods:
             raise ValueError(f"methods must be a non-empty subset of {METHODS}; got {self.methods!r}")
+        if not 0.0 <= self.label_noise < 1.0:
+            raise ValueError(f"label_noise must be in [0, 1), got {self.label_noise!r}")
 
     def as_record(self) -> dict[str, Any]:
         """The JSON-able form stored in ``results.json`` (the resume check compares it)."""
         cfg = self.loss_config
         return dict(methods=list(self.methods), seeds=list(self.seeds), fractions=list(self.fractions),
                     epochs=self.epochs, loss_config=cfg if isinstance(cfg, str) else cfg.to_dict(),
-                    tune_batch_size=self.batch_size)
+                    tune_batch_size=self.batch_size, label_noise=self.label_noise,
+                    normalize_rows=self.normalize_rows)
 
 
 def tune_and_score(
@@ -161,48 +174,60 @@ def tune_and_score(
     gamma: float,
     settings: TuneSettings = TuneSettings(),
     spectra: dict[str, list[float]] | None = None,
+    pretrain_seed: int = 0,
+    regime: str = "supervised",
 ) -> list[dict[str, Any]]:
     """Tune each method on cached features for every seed and data fraction; one record
-    per (method, seed, fraction, test domain). With ``spectra`` given, the singular
-    values of the tuned features ``Z`` on the first test set (seed 0, full data) are
-    stored there under the method's name."""
+    per (method, seed, fraction, test domain) in ``_report``'s schema. With ``spectra``
+    given, the singular values of the tuned features ``Z`` on the first test set (first
+    seed, full data) are stored there under the method's name. With
+    ``settings.label_noise`` > 0, the training labels of in-domain tasks get that much
+    symmetric noise (seed ``1000 + seed``)."""
     (x, y), k = feats["train"], feats["num_classes"]
     seeds, fractions = settings.seeds, settings.fractions
     records = []
     for frac in fractions:
         for seed in seeds:
             idx = subsample(y, frac, seed)
+            y_fit = y[idx]
+            if settings.label_noise > 0 and feats["kind"] == "id":
+                y_fit = symmetric_noise(y_fit, settings.label_noise, num_classes=k, seed=1000 + seed).labels
             for method in settings.methods:
                 cfg = TuningConfig.recipe("vision", method, epochs=settings.epochs, seed=seed,
                                           batch_size=settings.batch_size)
-                res = fit(x[idx], y[idx], method, num_classes=k, config=cfg,
+                res = fit(x[idx], y_fit, method, num_classes=k, config=cfg,
                           loss_config=settings.loss_config if method == "nmtune" else None)
                 for dom, (xt, yt) in feats["tests"].items():
-                    m = evaluate(res.head, xt, yt, normalize_rows=True)
-                    records.append(dict(gamma=gamma, method=method, kind=feats["kind"], task=feats["name"],
-                                        domain=dom, seed=seed, fraction=frac, **{
-                                            key: m[key] for key in ("accuracy", "macro_f1", "sve", "lsvr")}))
+                    m = evaluate(res.head, xt, yt, normalize_rows=settings.normalize_rows)
+                    records.append(dict(regime=regime, gamma=gamma, pretrain_seed=pretrain_seed, method=method,
+                                        kind=feats["kind"], task=feats["name"], domain=dom, seed=seed, fraction=frac,
+                                        **{key: m[key] for key in ("accuracy", "macro_f1", "sve", "lsvr")}))
                     if spectra is not None and seed == seeds[0] and frac == max(fractions) and method not in spectra:
                         with torch.no_grad():
                             z = res.head(xt).features
-                        spectra[method] = spectrum_summary_values(z)
+                        spectra[method] = spectrum_values(z, normalize_rows=settings.normalize_rows)
     return records
 
 
-def spectrum_summary_values(z: torch.Tensor) -> list[float]:
-    from nmtune.analysis import feature_spectrum
+def spectrum_values(z: torch.Tensor, *, normalize_rows: bool = SPECTRUM_NORMALIZE_ROWS) -> list[float]:
+    """Singular values of ``z`` as a list (for the spectra figures).
 
-    return feature_spectrum(z.float(), normalize_rows=True).tolist()
+    Example:
+        >>> [round(v, 3) for v in spectrum_values(torch.eye(2))]
+        [1.0, 1.0]
+    """
+    return feature_spectrum(z.float(), normalize_rows=normalize_rows).tolist()
 
 
-def backbone_metrics(all_feats: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def backbone_metrics(all_feats: Sequence[dict[str, Any]], *,
+                     normalize_rows: bool = SPECTRUM_NORMALIZE_ROWS) -> dict[str, Any]:
     """SVE of the frozen features on ID test sets and LSVR on OOD target domains (Figure 3):
-    per task and averaged (rows L2-normalised, the authors' convention)."""
+    per task and averaged (rows L2-normalised by default, the authors' convention)."""
     per: dict[str, dict[str, float]] = {}
     id_sve, ood_lsvr = [], []
     for f in all_feats:
         for dom, (xt, _) in f["tests"].items():
-            s = spectrum_summary(xt)
+            s = spectrum_summary(xt, normalize_rows=normalize_rows)
             per[f"{f['name']}/{dom}"] = s
             (id_sve if f["kind"] == "id" else ood_lsvr).append(s["sve" if f["kind"] == "id" else "lsvr"])
     out: dict[str, Any] = {"per_test_set": per}
@@ -233,8 +258,8 @@ def _lora_records(backbone_path: str, tasks: Sequence[vd.ImageTask], gamma: floa
                 params = [p for p in wrapped.parameters() if p.requires_grad]
                 opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-4)
                 g = torch.Generator().manual_seed(seed)
-                src = pt._tensor_source(task.train)
-                train_iter = (lambda: pt._TensorBatches(task.train, batch_size, g)) if src is not None else (
+                src = vd.tensor_source(task.train)
+                train_iter = (lambda: vd.TensorBatches(task.train, batch_size, g)) if src is not None else (
                     lambda: DataLoader(task.train, batch_size=batch_size, shuffle=True, generator=g))
                 for _ in range(epochs):
                     wrapped.train()
@@ -257,8 +282,10 @@ def _lora_records(backbone_path: str, tasks: Sequence[vd.ImageTask], gamma: floa
                             ys.append(torch.as_tensor(yb))
                     head = _FixedOutputs(torch.cat(logits), torch.cat(zs))
                     yt = torch.cat(ys)
-                    m = evaluate(head, torch.arange(len(yt), dtype=torch.float32)[:, None], yt, normalize_rows=True)
-                    records.append(dict(gamma=gamma, method=method, kind=task.kind, task=task.name, domain=dom,
+                    m = evaluate(head, torch.arange(len(yt), dtype=torch.float32)[:, None], yt,
+                                 normalize_rows=SPECTRUM_NORMALIZE_ROWS)
+                    records.append(dict(regime="supervised", gamma=gamma, method=method, kind=task.kind,
+                                        task=task.name, domain=dom,
                                         seed=seed, fraction=1.0, **{k: m[k] for k in ("accuracy", "macro_f1", "sve", "lsvr")}))
     return records
 
@@ -289,6 +316,7 @@ def run_evaluation(
     batch_size: int = 256,
     arch: str | None = None,
     workers: int = 0,
+    pretrain_seed: int = 0,
 ) -> dict[str, Any]:
     """Evaluate one backbone on ``tasks``; writes ``results.json`` and ``table.md`` in
     ``out_dir`` and returns the results (skipped when ``results.json`` already holds
@@ -296,7 +324,8 @@ def run_evaluation(
     ``tuning`` says what is tuned on the cached features."""
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    settings = dict(gamma=gamma, **tuning.as_record(), lora=lora, tasks=[t.name for t in tasks])
+    settings = dict(gamma=gamma, pretrain_seed=pretrain_seed, **tuning.as_record(), lora=lora,
+                    tasks=[t.name for t in tasks])
     res_file = out / "results.json"
     if res_file.exists():
         prev = json.loads(res_file.read_text())
@@ -310,12 +339,13 @@ def run_evaluation(
     records, spectra = [], {}
     for f in feats:
         sp: dict[str, list[float]] = {}
-        records += tune_and_score(f, gamma=gamma, settings=tuning, spectra=sp)
-        sp["backbone"] = spectrum_summary_values(next(iter(f["tests"].values()))[0])
+        records += tune_and_score(f, gamma=gamma, settings=tuning, spectra=sp, pretrain_seed=pretrain_seed)
+        sp["backbone"] = spectrum_values(next(iter(f["tests"].values()))[0], normalize_rows=tuning.normalize_rows)
         spectra[f["name"]] = sp
     if lora:
-        records += _lora_records(str(backbone_path), tasks, gamma, epochs=lora_epochs, seeds=tuning.seeds)
-    bm = backbone_metrics(feats)
+        records += [dict(r, pretrain_seed=pretrain_seed) for r in _lora_records(
+            str(backbone_path), tasks, gamma, epochs=lora_epochs, seeds=tuning.seeds)]
+    bm = backbone_metrics(feats, normalize_rows=tuning.normalize_rows)
     # per-task points (backbone metric, LP accuracy at full data) for the Figure 3 scatter
     points: dict[str, list] = {"id_points": [], "ood_points": []}
     for f in feats:
@@ -329,9 +359,7 @@ def run_evaluation(
     result = {"settings": settings, "records": records, "backbone": bm, "spectra": spectra,
               "seconds": {"features": t_feat, "total": time.time() - t0}}
     (out / "table.md").write_text(results_markdown(records, title=f"noise {100 * gamma:g}%"))
-    tmp = res_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, res_file)
+    atomic_write_text(res_file, json.dumps(result, indent=1))
     return result
 
 

@@ -7,9 +7,10 @@ paper's language recipe (AdamW; LP lr 0.01 wd 0, MLP / NMTune lr 1e-3 wd 1e-4; 1
 epochs; linear schedule) over several seeds, and the study reports in-domain (ID) and
 out-of-domain (OOD) accuracy, the task's GLUE metric, SVE and LSVR as JSON and markdown.
 
-Offline default (downloads nothing; about 2-4 minutes on 2 CPU cores)::
+Offline default (downloads nothing; see docs/language.md for the measured time)::
 
-    python examples/language.py
+    python examples/language.py                        # -> runs/language/
+    python examples/language.py --refresh-results      # -> examples/results/language/ (committed)
 
 encodes the WordNet lexicographer-category task (glosses in-domain, usage examples
 out-of-domain: *not* GLUE; needs ``apt-get install -y wordnet-base``) with the
@@ -31,9 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import platform
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -49,9 +48,11 @@ if _HERE not in sys.path:  # the helpers beside this script, when imported from 
 import torch  # noqa: E402
 
 import nmtune  # noqa: E402
-import nmtune.functional as NF  # noqa: E402
 from nmtune import NMTuneConfig, NMTuneHead, TuningConfig, evaluate, fit  # noqa: E402
+from nmtune.analysis import spectrum_summary  # noqa: E402
 
+import _stats as S  # noqa: E402
+from _common import SPECTRUM_NORMALIZE_ROWS, atomic_write_text, machine_info, mean_std  # noqa: E402
 from _encoders import (  # noqa: E402
     SentenceTransformerEncoder,
     TextEncoder,
@@ -69,12 +70,13 @@ from _text_data import (  # noqa: E402
     tiny_task,
 )
 
-__all__ = ["METHODS", "build_encoder", "build_tasks", "main", "render_table", "run_study"]
+__all__ = ["DEFAULT_OUT", "METHODS", "RESULTS_OUT", "build_encoder", "build_tasks", "main", "render_table", "run_study"]
 
 METHODS = ("lp", "mlp", "nmtune")
 _METHOD_NAMES = {"lp": "LP", "mlp": "MLP", "nmtune": "NMTune"}
 _METRIC_NAMES = {"accuracy": "macro-F1", "matthews": "MCC", "f1": "F1", "pearson_spearman": "Pearson/Spearman"}
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "language"
+DEFAULT_OUT = Path("runs") / "language"  # relative to the working directory; runs/ is git-ignored
+RESULTS_OUT = Path(__file__).resolve().parent / "results" / "language"  # the committed results
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -134,8 +136,9 @@ def build_tasks(spec: str = "wordnet", *, data_dir: str | os.PathLike | None = N
 
 
 def _spectrum(z: torch.Tensor) -> dict[str, float]:
-    m = NF.spectrum_metrics(NF.singular_values(z.double()))
-    return {"sve": float(m["sve"]), "lsvr": float(m["lsvr"])}
+    """SVE / LSVR with the studies' shared row convention (``_common.SPECTRUM_NORMALIZE_ROWS``)."""
+    m = spectrum_summary(z.double(), normalize_rows=SPECTRUM_NORMALIZE_ROWS)
+    return {"sve": m["sve"], "lsvr": m["lsvr"]}
 
 
 def _mse_on_single_logit(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -157,15 +160,17 @@ def _score_split(head: NMTuneHead, task: TextTask, x: torch.Tensor, y: np.ndarra
         res = task_metrics(task.metric, y, out.logits.squeeze(-1).numpy())
         res.update(_spectrum(out.features))
         return res
-    res = task_metrics(task.metric, y, out.logits.argmax(-1).numpy())
-    ev = evaluate(head, x, torch.as_tensor(y, dtype=torch.long))  # the core's SVE / LSVR of Z
+    pred = out.logits.argmax(-1).numpy()
+    res = task_metrics(task.metric, y, pred)
+    ev = evaluate(head, x, torch.as_tensor(y, dtype=torch.long), normalize_rows=SPECTRUM_NORMALIZE_ROWS)
     res.update(sve=ev["sve"], lsvr=ev["lsvr"])
+    res["_correct"] = (pred == np.asarray(y)).astype(np.int8)  # per item, for the paired test-set error
     return res
 
 
 def _mean_std(values: Sequence[float]) -> dict[str, float]:
-    a = np.asarray(values, dtype=np.float64)
-    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0}
+    mu, sd = mean_std(values)
+    return {"mean": mu, "std": sd}
 
 
 def _aggregate(per_seed: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
@@ -201,24 +206,44 @@ def _fmt(agg: dict[str, dict[str, float]], key: str, digits: int = 2) -> str:
     return f"{agg[key]['mean']:.{digits}f} ± {agg[key]['std']:.{digits}f}"
 
 
-def _verdict(methods: dict[str, dict[str, dict[str, float]]], key: str) -> str:
-    if "nmtune" not in methods or key not in methods["nmtune"]:
-        return ""
-    nm = methods["nmtune"][key]
-    parts = []
+def _compare(task: str, per_seed: dict[str, list[dict[str, Any]]], correct: dict[str, list[dict[str, Any]]],
+             key: str) -> list[dict[str, Any]]:
+    """NMTune minus LP / MLP on one summary number, paired by tuning seed: the t interval
+    over tuning seeds, the paired test-set standard error (same test items, per-item
+    correctness; mean over seeds) and the two combined (``sqrt(h_seed^2 + (1.96 se)^2)``)."""
+    out = []
+    if "nmtune" not in per_seed or key not in per_seed["nmtune"][0]["summary"]:
+        return out
+    split = "id" if key.startswith("id_") else "ood"
     for base in ("lp", "mlp"):
-        if base in methods and key in methods[base]:
-            b = methods[base][key]
-            diff = nm["mean"] - b["mean"]
-            noise = max(nm["std"], b["std"])
-            qual = "" if abs(diff) > noise else " (within one seed std)"
-            if diff > 0:
-                parts.append(f"beat {_METHOD_NAMES[base]} by {diff:+.2f}{qual}")
-            elif diff < 0:
-                parts.append(f"trailed {_METHOD_NAMES[base]} by {diff:+.2f}{qual}")
-            else:
-                parts.append(f"tied {_METHOD_NAMES[base]}")
-    return "NMTune " + "; ".join(parts) if parts else ""
+        if base not in per_seed:
+            continue
+        diffs = [a["summary"][key] - b["summary"][key] for a, b in zip(per_seed["nmtune"], per_seed[base])]
+        seed_ci = S.t_interval(diffs)
+        se = None
+        if key.endswith("_acc"):
+            ses = [S.paired_test_se(a[split], b[split]) for a, b in zip(correct["nmtune"], correct[base])]
+            se = 100 * float(np.mean(ses))
+        half_seed = (seed_ci.high - seed_ci.low) / 2
+        half = float(np.sqrt(half_seed ** 2 + (1.96 * (se or 0.0)) ** 2))
+        lo, hi = seed_ci.estimate - half, seed_ci.estimate + half
+        out.append({"task": task, "key": key, "vs": base, "estimate": seed_ci.estimate, "seed_low": seed_ci.low,
+                    "seed_high": seed_ci.high, "test_se": se, "ci_low": lo, "ci_high": hi,
+                    "n_tune": len(diffs), "verdict": S.verdict(lo, hi, +1)})
+    return out
+
+
+def _comparison_lines(comparisons: Sequence[dict[str, Any]]) -> list[str]:
+    names = {"id_acc": "ID accuracy", "ood_acc": "OOD accuracy", "id_score": "ID task score",
+             "ood_score": "OOD task score"}
+    lines = ["| task | comparison | NMTune minus baseline (points) | 95% CI over tuning seeds (t) | "
+             "test-set paired SE | combined 95% CI | verdict (paper: NMTune better) |", "|---|---|---|---|---|---|---|"]
+    for c in comparisons:
+        se = f"±{c['test_se']:.2f}" if c["test_se"] is not None else "-"
+        lines.append(f"| {c['task']} | {names.get(c['key'], c['key'])} vs {_METHOD_NAMES[c['vs']]} | "
+                     f"{c['estimate']:+.2f} | [{c['seed_low']:+.2f}, {c['seed_high']:+.2f}] | {se} | "
+                     f"[{c['ci_low']:+.2f}, {c['ci_high']:+.2f}] | {c['verdict']} |")
+    return lines
 
 
 def render_table(results: dict[str, Any]) -> str:
@@ -268,9 +293,14 @@ def render_table(results: dict[str, Any]) -> str:
         for m, agg in results["average"].items():
             lines.append(f"| {_METHOD_NAMES[m]} | {_fmt(agg, 'id_score')} | {_fmt(agg, 'ood_score')} |")
         lines.append("")
-    lines += ["## Verdict", ""]
-    lines += [f"- {v}" for v in results["verdict"]]
-    lines += _test_noise(results)
+    lines += ["## NMTune against LP and MLP, paired by tuning seed", "",
+              "Each difference is paired (same tuning seed, same test items). The interval over tuning seeds is "
+              "Student's t (`examples/_stats.py`); the test-set sampling error of a paired difference is "
+              "std(correct_a - correct_b) / sqrt(n) over the test items (only discordant items count, as in "
+              "McNemar's test), averaged over seeds; the combined interval adds the two in quadrature. "
+              "Verdict: reproduced / contradicted when the combined interval excludes 0, else inconclusive.", ""]
+    lines += _comparison_lines(results.get("comparisons", []))
+    lines += [""] + _test_noise(results)
     lines.append("")
     return "\n".join(lines)
 
@@ -283,22 +313,57 @@ def _test_noise(results: dict[str, Any]) -> list[str]:
         parts = []
         for key, n in (("id_acc", tres["n_id_test"]), ("ood_acc", sum(tres["ood_sets"].values()))):
             if key in lp and n:
-                p = lp[key]["mean"] / 100
-                parts.append(f"{key[:-4].upper()} ±{100 * math.sqrt(p * (1 - p) / n):.2f} (n={n})")
+                parts.append(f"{key[:-4].upper()} ±{100 * S.binomial_se(lp[key]['mean'] / 100, n):.2f} (n={n})")
         if parts:
             out.append(f"- {tname}: binomial standard error of one accuracy at the LP level: {', '.join(parts)} "
-                       "points (unpaired); differences below it are within the test sets' sampling noise.")
+                       "points (unpaired: one method's accuracy, not a paired difference).")
     return out
 
 
-def _machine(device: str = "cpu") -> str:
-    load = f", load average {os.getloadavg()[0]:.1f} at the end" if hasattr(os, "getloadavg") else ""
-    return (f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs visible{load}, "
-            f"torch {torch.__version__} with {torch.get_num_threads()} threads, "
-            f"python {platform.python_version()}, device {device}")
-
-
 # --------------------------------------------------------------------------- the study
+def _tune_methods(t: TextTask, x_tr: torch.Tensor, evals: dict[str, Any], methods: Sequence[str],
+                  seeds: Sequence[int], overrides: dict[str, Any], loss_cfg: NMTuneConfig,
+                  say: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+    """Every method x seed on one task: per-seed results, their aggregate, and the per-item
+    correctness on the ID and (pooled) OOD test sets for the paired test-set error."""
+    method_res: dict[str, Any] = {}
+    correct: dict[str, list[dict[str, Any]]] = {}
+    for m in methods:
+        per_seed = []
+        correct[m] = []
+        for seed in seeds:
+            cfg = TuningConfig.recipe("language", m, seed=seed, **overrides)
+            if t.regression:
+                head = _fit_regression(x_tr, torch.from_numpy(t.train.labels.astype(np.float32)), m, cfg, loss_cfg)
+            else:
+                head = fit(x_tr, torch.from_numpy(t.train.labels), m, num_classes=t.num_classes,
+                           config=cfg, loss_config=loss_cfg).head
+            split_res = {name: _score_split(head, t, xe, ye) for name, (xe, ye) in evals.items()}
+            items = {name: r.pop("_correct", None) for name, r in split_res.items()}
+            ood_items = [v for k, v in items.items() if k.startswith("ood:") and v is not None]
+            correct[m].append({"id": items["id"], "ood": np.concatenate(ood_items) if ood_items else None})
+            ood_res = {k[4:]: v for k, v in split_res.items() if k.startswith("ood:")}
+            per_seed.append({"seed": seed, "splits": split_res, "summary": _summary(t, split_res["id"], ood_res)})
+        agg = _aggregate(per_seed)
+        method_res[m] = {"per_seed": per_seed, "aggregate": agg}
+        say(f"[language] {t.name} {_METHOD_NAMES[m]}: ID {_fmt(agg, 'id_score')}  OOD {_fmt(agg, 'ood_score')}")
+    return method_res, correct
+
+
+def _average(results: dict[str, Any], methods: Sequence[str]) -> dict[str, dict[str, dict[str, float]]]:
+    """Average over tasks (the paper's Table 2 reports task averages), seed by seed, then
+    mean ± std over seeds."""
+    average: dict[str, dict[str, dict[str, float]]] = {}
+    for m in methods:
+        average[m] = {}
+        for key in ("id_score", "ood_score", "id_acc", "ood_acc"):
+            runs = [[r["summary"][key] for r in tr["per_seed"][m]] for tr in results["tasks"].values()
+                    if key in tr["per_seed"][m][0]["summary"]]
+            if runs:
+                average[m][key] = _mean_std(np.mean(np.asarray(runs), axis=0))
+    return average
+
+
 def run_study(
     out_dir: str | os.PathLike,
     *,
@@ -375,6 +440,7 @@ def run_study(
     loss_cfg = NMTuneConfig.from_preset(loss_preset)
     overrides = {"batch_size": batch_size} | ({"epochs": epochs} if epochs is not None else {})
     results: dict[str, Any] = {"tasks": {}}
+    comparisons: list[dict[str, Any]] = []
     for t in tasks:
         did = t.dataset_id()
         feats: dict[str, np.ndarray] = {}
@@ -394,24 +460,9 @@ def run_study(
             ood_spec = [_spectrum(evals[f"ood:{k}"][0]) for k in t.ood]
             frozen["ood"] = {k: float(np.mean([s[k] for s in ood_spec])) for k in ("sve", "lsvr")}
 
-        method_res: dict[str, Any] = {}
-        for m in methods:
-            per_seed = []
-            for seed in seeds:
-                ts = time.perf_counter()
-                cfg = TuningConfig.recipe("language", m, seed=seed, **overrides)
-                if t.regression:
-                    head = _fit_regression(x_tr, torch.from_numpy(t.train.labels.astype(np.float32)), m, cfg, loss_cfg)
-                else:
-                    head = fit(x_tr, torch.from_numpy(t.train.labels), m, num_classes=t.num_classes,
-                               config=cfg, loss_config=loss_cfg).head
-                split_res = {name: _score_split(head, t, xe, ye) for name, (xe, ye) in evals.items()}
-                ood_res = {k[4:]: v for k, v in split_res.items() if k.startswith("ood:")}
-                tune_seconds += time.perf_counter() - ts
-                per_seed.append({"seed": seed, "splits": split_res, "summary": _summary(t, split_res["id"], ood_res)})
-            agg = _aggregate(per_seed)
-            method_res[m] = {"per_seed": per_seed, "aggregate": agg}
-            say(f"[language] {t.name} {_METHOD_NAMES[m]}: ID {_fmt(agg, 'id_score')}  OOD {_fmt(agg, 'ood_score')}")
+        ts = time.perf_counter()
+        method_res, correct = _tune_methods(t, x_tr, evals, methods, seeds, overrides, loss_cfg, say)
+        tune_seconds += time.perf_counter() - ts
         lr_wd = {m: TuningConfig.recipe("language", m).resolved(m) for m in methods}
         results["tasks"][t.name] = {
             "description": _describe(t),
@@ -426,23 +477,14 @@ def run_study(
             "methods": {m: r["aggregate"] for m, r in method_res.items()},
             "per_seed": {m: r["per_seed"] for m, r in method_res.items()},
         }
+        ps = {m: r["per_seed"] for m, r in method_res.items()}
+        for key in ("id_acc", "ood_acc") if not t.regression else ("id_score", "ood_score"):
+            comparisons += _compare(t.name, ps, correct, key)
 
-    # Average over tasks (the paper's Table 2 reports task averages).
-    average: dict[str, dict[str, dict[str, float]]] = {}
-    for m in methods:
-        average[m] = {}
-        for key in ("id_score", "ood_score", "id_acc", "ood_acc"):
-            runs = [[r["summary"][key] for r in tr["per_seed"][m]] for tr in results["tasks"].values()
-                    if key in tr["per_seed"][m][0]["summary"]]
-            if runs:  # average across tasks seed by seed, then mean ± std over seeds
-                average[m][key] = _mean_std(np.mean(np.asarray(runs), axis=0))
-    results["average"] = average
-    verdict = []
-    for key, label in (("id_acc", "ID accuracy"), ("ood_acc", "OOD accuracy"), ("id_score", "ID task score"),
-                       ("ood_score", "OOD task score")):
-        v = _verdict(average, key)
-        if v and not (key.endswith("score") and all(tr["metric"] == "accuracy" for tr in results["tasks"].values())):
-            verdict.append(f"{label}: {v}")
+    results["average"] = _average(results, methods)
+    results["comparisons"] = comparisons
+    verdict = [f"{c['task']} {c['key']} vs {_METHOD_NAMES[c['vs']]}: {c['estimate']:+.2f} points, "
+               f"combined 95% CI [{c['ci_low']:+.2f}, {c['ci_high']:+.2f}]: {c['verdict']}" for c in comparisons]
     results["verdict"] = verdict
     wall = time.perf_counter() - t_start
     results["meta"] = {
@@ -456,7 +498,7 @@ def run_study(
                    f"NMTune loss preset '{loss_preset}'"),
         "loss_config": loss_cfg.to_dict(),
         "batch_size": batch_size,
-        "machine": _machine(str(getattr(enc, "device", "cpu"))),
+        "machine": machine_info(str(getattr(enc, "device", "cpu"))),
         "nmtune_version": nmtune.__version__,
         "wall_seconds": wall,
         "encoder_load_seconds": load_seconds,
@@ -466,8 +508,8 @@ def run_study(
         "tune_seconds": tune_seconds,
         "cache_dir": str(cache),
     }
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    (out / "table.md").write_text(render_table(results))
+    atomic_write_text(out / "results.json", json.dumps(results, indent=1))
+    atomic_write_text(out / "table.md", render_table(results))
     say(f"[language] wrote {out / 'results.json'} and {out / 'table.md'} ({wall:.1f} s)")
     return results
 
@@ -485,7 +527,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Command line entry point (``python examples/language.py --help``)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (default: examples/results/language)")
+    p.add_argument("--out", default=None, help=f"output folder (default: {DEFAULT_OUT}, git-ignored)")
+    p.add_argument("--refresh-results", action="store_true",
+                   help=f"write to the committed {RESULTS_OUT} instead (explicit: never done by default)")
     p.add_argument("--task", default="wordnet", help="wordnet | tiny | glue | comma-separated GLUE tasks")
     p.add_argument("--encoder", default="minilm", help="minilm | hf:NAME_OR_PATH | st:NAME_OR_PATH")
     p.add_argument("--pooling", default="mean", choices=("cls", "mean", "last", "pooler"))
@@ -502,8 +546,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(argv)
     command = "python examples/language.py" + ("" if argv is None and len(sys.argv) == 1 else
                                                " " + " ".join(sys.argv[1:] if argv is None else argv))
+    if args.refresh_results and args.out is not None:
+        p.error("--refresh-results writes to examples/results/language; do not combine it with --out")
+    out = RESULTS_OUT if args.refresh_results else Path(args.out or DEFAULT_OUT)
     res = run_study(
-        args.out, tiny=args.tiny, task=args.task, encoder=args.encoder, pooling=args.pooling, seeds=args.seeds,
+        out, tiny=args.tiny, task=args.task, encoder=args.encoder, pooling=args.pooling, seeds=args.seeds,
         methods=args.methods, cache_dir=args.cache_dir, data_dir=args.data_dir, max_train=args.max_train,
         max_eval=args.max_eval, loss_preset=args.loss_preset, batch_size=args.batch_size, epochs=args.epochs,
         command=command,

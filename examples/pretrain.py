@@ -39,8 +39,9 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import _vision_data as vd  # noqa: E402
+from _common import atomic_save  # noqa: E402
 
-from nmtune.noise import symmetric_noise  # noqa: E402
+from nmtune.noise import asymmetric_noise, symmetric_noise  # noqa: E402
 
 __all__ = ["PretrainConfig", "build_backbone", "backbone_features", "pretrain", "load_backbone", "main"]
 
@@ -49,7 +50,13 @@ GLYPH_ARCH = "glyph_resnet"
 
 @dataclasses.dataclass
 class PretrainConfig:
-    """Pre-training recipe (SGD + nesterov momentum, warm-up then cosine, per step)."""
+    """Pre-training recipe (SGD + nesterov momentum, warm-up then cosine, per step).
+
+    ``noise_type`` is ``"symmetric"`` (``nmtune.noise.symmetric_noise`` over all
+    classes) or ``"asymmetric"`` (``nmtune.noise.asymmetric_noise``: the same ratio, only
+    within ``noise_classes``, e.g. the pre-training classes that overlap a downstream
+    task, as the paper does with the ImageNet classes overlapping CIFAR-100).
+    """
 
     arch: str = GLYPH_ARCH
     noise: float = 0.0
@@ -62,8 +69,15 @@ class PretrainConfig:
     amp: str = "bf16"  # "bf16", "fp16" or "off"; CUDA only
     workers: int = 0
     pretrained: bool = False
+    noise_type: str = "symmetric"
+    noise_classes: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        self.noise_classes = tuple(int(c) for c in self.noise_classes)
+        if self.noise_type not in ("symmetric", "asymmetric"):
+            raise ValueError(f"noise_type must be 'symmetric' or 'asymmetric', got {self.noise_type!r}")
+        if self.noise_type == "asymmetric" and len(set(self.noise_classes)) < 2:
+            raise ValueError(f"asymmetric noise needs at least 2 noise_classes, got {self.noise_classes!r}")
         if not 0.0 <= self.noise <= 1.0:
             raise ValueError(f"noise must be in [0, 1], got {self.noise!r}")
         for name in ("epochs", "batch_size"):
@@ -117,43 +131,6 @@ def _set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
     generator.set_state(state["data"])
-
-
-def _atomic_save(obj: Any, path: pathlib.Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _tensor_source(ds) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(uint8 images, labels)`` when ``ds`` is (a relabelling of) a TensorImageDataset."""
-    if isinstance(ds, vd.RelabeledDataset) and isinstance(ds.base, vd.TensorImageDataset):
-        return ds.base.images, ds.labels
-    if isinstance(ds, vd.TensorImageDataset):
-        return ds.images, ds.labels
-    return None
-
-
-class _TensorBatches:
-    """Batches of an in-memory image tensor in the order drawn from ``generator``
-    (sequential when ``generator`` is None; then the last partial batch is kept)."""
-
-    def __init__(self, ds, batch_size: int, generator: torch.Generator | None) -> None:
-        self.images, self.labels = _tensor_source(ds)
-        self.batch_size, self.generator = batch_size, generator
-
-    def __len__(self) -> int:
-        n = len(self.labels)
-        if self.generator is not None:  # training: drop the last partial batch, but keep at least one
-            return max(1, n // self.batch_size) if n else 0
-        return -(-n // self.batch_size)
-
-    def __iter__(self):
-        n = len(self.labels)
-        order = torch.randperm(n, generator=self.generator) if self.generator is not None else torch.arange(n)
-        for i in range(len(self)):
-            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
-            yield self.images[idx].float() / 127.5 - 1.0, self.labels[idx]
 
 
 def _dist_info() -> tuple[int, int, int]:
@@ -220,17 +197,20 @@ def pretrain(
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
     random.seed(config.seed)
-    noisy = symmetric_noise(data.labels, config.noise, num_classes=data.num_classes, seed=config.seed + 1000)
+    if config.noise_type == "asymmetric":
+        noisy = asymmetric_noise(data.labels, config.noise, classes=config.noise_classes, seed=config.seed + 1000)
+    else:
+        noisy = symmetric_noise(data.labels, config.noise, num_classes=data.num_classes, seed=config.seed + 1000)
     if rank == 0:
-        _atomic_save({"labels": noisy.labels, "mask": noisy.mask, "noise": config.noise}, out / "noisy_labels.pt")
+        atomic_save({"labels": noisy.labels, "mask": noisy.mask, "noise": config.noise}, out / "noisy_labels.pt")
     train_ds = vd.RelabeledDataset(data.train, noisy.labels)
 
     model = build_backbone(config.arch, data.num_classes, data.in_chans, pretrained=config.pretrained).to(device)
     generator = torch.Generator().manual_seed(config.seed)
-    fast = not distributed and _tensor_source(train_ds) is not None
+    fast = not distributed and vd.tensor_source(train_ds) is not None
     if fast:  # in-memory uint8 tensors: index whole batches, no per-sample Python overhead
         sampler = None
-        loader = _TensorBatches(train_ds, config.batch_size, generator)
+        loader = vd.TensorBatches(train_ds, config.batch_size, generator)
     elif distributed:
         from torch.utils.data.distributed import DistributedSampler
 
@@ -241,7 +221,7 @@ def pretrain(
         sampler = None
         loader = DataLoader(train_ds, batch_size=config.batch_size, shuffle=True, drop_last=True,
                             num_workers=config.workers, generator=generator)
-    val_loader = (_TensorBatches(data.val, 512, None) if _tensor_source(data.val) is not None
+    val_loader = (vd.TensorBatches(data.val, 512, None) if vd.tensor_source(data.val) is not None
                   else DataLoader(data.val, batch_size=512, num_workers=config.workers))
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9, nesterov=True,
                                 weight_decay=config.weight_decay)
@@ -321,7 +301,7 @@ def pretrain(
                 "rng": _rng_state(generator),
                 "config": dataclasses.asdict(config),
             }
-            _atomic_save(state, ckpt)
+            atomic_save(state, ckpt)
             if progress:
                 tqdm.write(f"[pretrain g={config.noise:g}] epoch {epoch + 1}: loss {record['train_loss']:.3f} "
                            f"val acc {record['val_accuracy']:.4f}")
@@ -342,7 +322,7 @@ def pretrain(
     }
     if rank == 0:
         if metrics["finished"]:
-            _atomic_save({"model": (model.module if distributed else model).state_dict(),
+            atomic_save({"model": (model.module if distributed else model).state_dict(),
                           "arch": config.arch, "num_classes": data.num_classes, "in_chans": data.in_chans,
                           "noise": config.noise}, out / "model.pt")
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -378,7 +358,7 @@ def load_pretrain_data(dataset: str, data_root: str | None, *, image_size: int =
         data = vd.offline_pretrain_data(tiny=tiny)
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            _atomic_save(data, cache)
+            atomic_save(data, cache)
         return data
     if data_root is None:
         raise ValueError(f"--dataset {dataset} needs --data-root")

@@ -1,23 +1,31 @@
-"""The paper's study end to end: noisy pre-training, ID/OOD evaluation, report.
+"""The paper's study end to end: noisy pre-training, ID/OOD evaluation, claims with intervals.
 
-One command runs, for every noise ratio gamma in {0, 5, 10, 20, 30} %:
+One command runs, for every noise ratio gamma in {0, 5, 10, 20, 30} % and every
+pre-training seed (``--pretrain-seeds``, default 0 1 2):
 
 1. supervised pre-training with symmetric label noise gamma (``pretrain.py``);
-2. frozen-feature extraction on the ID and OOD tasks (cached per gamma and task);
-3. LP, MLP tuning and NMTune for several seeds and downstream data fractions
-   (``evaluate.py``);
+2. frozen-feature extraction on the ID and OOD tasks (cached per model and task);
+3. LP, MLP tuning and NMTune for every tuning seed (``--seeds``) (``evaluate.py``);
+4. the paper's ablations that fit the budget (``--full``: all of them);
 
-then writes ``report.md`` with the analogues of the paper's Figure 2 (ID/OOD
-accuracy vs gamma), Figure 3 (SVE/LSVR vs gamma), Figure 5 (LP vs MLP vs NMTune F1
-and spectra) and Table 1, and a table stating for each of the paper's claims
-whether this run reproduced it (decided from the numbers). Finished stages are
-skipped on rerun (checkpoints, cached features, per-gamma results).
+then decides each of the paper's claims from *paired* differences (same pre-trained
+model, tuning seed and data split) with a 95 % interval from a hierarchical bootstrap
+that resamples pre-training seeds first, then tuning seeds (``_stats.py``): reproduced
+(the interval excludes 0 in the paper's direction), contradicted (it excludes 0 the
+other way) or inconclusive. ``report.md`` shows every estimate with its interval;
+``claims.json`` holds them as data. Finished stages are skipped on rerun.
 
-Offline default (no downloads; about 10 minutes on 2 idle CPU cores)::
+``--regime contrastive`` runs the contrastive (CLIP-style) regime of
+``examples/contrastive.py`` through the same claim code; ``--regime all`` runs both,
+one report section per regime.
 
-    python examples/reproduce_paper.py                 # -> runs/reproduce/report.md
-    python examples/reproduce_paper.py --tiny --out /tmp/t   # seconds, for tests
-    python examples/reproduce_paper.py --language      # + the language study (Table 2)
+Offline default (no downloads; see examples/README.md for the measured time)::
+
+    python examples/reproduce_paper.py                  # -> runs/reproduce/report.md
+    python examples/reproduce_paper.py --full           # every ablation (resumable)
+    python examples/reproduce_paper.py --tiny --out /tmp/t    # seconds, for tests
+    python examples/reproduce_paper.py --seeds 3,4,5 --pretrain-seeds 3,4,5   # other seeds
+    python examples/reproduce_paper.py --refresh-results      # also copy to examples/results/
 
 Paper scale (ImageNet-1K pre-training of ResNet-50, real downstream datasets)::
 
@@ -31,41 +39,62 @@ Paper scale (ImageNet-1K pre-training of ResNet-50, real downstream datasets)::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
-import os
 import pathlib
-import platform
 import shlex
+import shutil
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import _report as R  # noqa: E402,F401
 import _vision_data as vd  # noqa: E402
 import evaluate as ev  # noqa: E402
 import pretrain as pt  # noqa: E402
+from _common import atomic_save, atomic_write_text, cpu_seconds  # noqa: E402
+from _report import write_report  # noqa: E402
 
-from nmtune import analysis  # noqa: E402
+from nmtune import NMTuneConfig  # noqa: E402
 
-__all__ = ["main", "run", "write_report"]
+__all__ = ["ABLATIONS", "main", "run", "write_report"]
 
 GAMMAS = (0.0, 0.05, 0.10, 0.20, 0.30)
+REGIMES = ("supervised", "contrastive", "all")
+ABLATIONS = ("terms", "top_k", "fractions", "label_noise", "asymmetric")
+DEFAULT_ABLATIONS = ("top_k",)  # what the default's budget holds; --full runs all
+RESULTS = HERE / "results"
 
 
 def _tag(gamma: float) -> str:
     return f"g{round(100 * gamma):02d}"
 
 
+def _ints(text: str) -> list[int]:
+    """``"3,4,5"`` or ``"3"`` -> ints (``--seeds 3,4,5`` and ``--seeds 3 4 5`` both work)."""
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/reproduce")
+    p.add_argument("--regime", default="supervised", choices=REGIMES,
+                   help="supervised (default), contrastive (examples/contrastive.py) or all: one report section each")
     p.add_argument("--tiny", action="store_true", help="seconds-scale run (tests)")
+    p.add_argument("--full", action="store_true", help="run every ablation (%s)" % ", ".join(ABLATIONS))
+    p.add_argument("--ablations", nargs="*", default=None, choices=ABLATIONS,
+                   help=f"ablations to run (default {' '.join(DEFAULT_ABLATIONS)}; --full: all)")
+    p.add_argument("--ablation-gamma", type=float, default=10.0, help="noise ratio (%%) of the ablations")
     p.add_argument("--gammas", nargs="+", type=float, default=None, help="noise ratios in %% (default 0 5 10 20 30)")
+    p.add_argument("--pretrain-seeds", nargs="+", type=_ints, default=None,
+                   help="pre-training seeds, one model per noise ratio each (default 0,1,2)")
+    p.add_argument("--seeds", nargs="+", type=_ints, default=None, help="tuning seeds (default 0,1,2)")
     p.add_argument("--dataset", default="glyphs", choices=["glyphs", "imagenet", "imagefolder", "cifar10", "cifar100"])
     p.add_argument("--data-root", default=None)
     p.add_argument("--download", action="store_true", help="let torchvision download CIFAR")
@@ -77,13 +106,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrain-batch-size", type=int, default=128)
     p.add_argument("--pretrain-lr", type=float, default=0.1)
     p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--seeds", nargs="+", type=int, default=None)
-    p.add_argument("--fractions", nargs="+", type=float, default=None)
+    p.add_argument("--fractions", nargs="+", type=float, default=None,
+                   help="downstream data fractions of the main table (default 1.0; the fractions ablation "
+                        "runs 0.1 0.25 0.5 0.75)")
     p.add_argument("--tune-epochs", type=int, default=30)
     p.add_argument("--tune-batch-size", type=int, default=128)
     p.add_argument("--loss-preset", default="paper")
     p.add_argument("--lora", action="store_true", help="add LoRA and LoRA+NMTune rows (slow on CPU)")
     p.add_argument("--language", action="store_true", help="also run examples/language.py (Table 2 analogue)")
+    p.add_argument("--refresh-results", action="store_true",
+                   help="copy report.md, claims.json, results.json, timing.json and figures/ into examples/results/ "
+                        "(the committed results; never done by default)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: the small eigen-solves of the tuning stage run slower with "
                         "more threads, and a shared machine oversubscribes; 0 keeps torch's default)")
@@ -91,14 +124,22 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _flat(groups: list[list[int]] | None) -> list[int] | None:
+    return None if groups is None else [x for g in groups for x in g]
+
+
 def _settings(a: argparse.Namespace) -> dict[str, Any]:
     gammas = [g / 100 for g in a.gammas] if a.gammas else list(GAMMAS)
+    ablations = list(ABLATIONS) if a.full else list(DEFAULT_ABLATIONS if a.ablations is None else a.ablations)
     return dict(
         gammas=gammas,
-        pretrain_epochs=a.pretrain_epochs or (2 if a.tiny else 10),
-        seeds=a.seeds or ([0, 1] if a.tiny else [0, 1, 2]),
-        fractions=a.fractions or ([0.5, 1.0] if a.tiny else [0.25, 1.0]),
+        pretrain_seeds=_flat(a.pretrain_seeds) or ([0, 1] if a.tiny else [0, 1, 2]),
+        seeds=_flat(a.seeds) or ([0, 1] if a.tiny else [0, 1, 2]),
+        pretrain_epochs=a.pretrain_epochs or (2 if a.tiny else 5),
+        fractions=a.fractions or [1.0],
         tune_epochs=3 if a.tiny and a.tune_epochs == 30 else a.tune_epochs,
+        ablations=ablations,
+        ablation_gamma=a.ablation_gamma / 100,
     )
 
 
@@ -109,7 +150,7 @@ def _load_tasks(a: argparse.Namespace, cache: pathlib.Path) -> list[vd.ImageTask
         return torch.load(cache, weights_only=False)
     tasks = vd.offline_tasks(tiny=a.tiny)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    pt._atomic_save(tasks, cache)
+    atomic_save(tasks, cache)
     return tasks
 
 
@@ -123,6 +164,212 @@ def _load_language(out: pathlib.Path, tiny: bool) -> dict[str, Any]:
     return mod.run_study(out, tiny=tiny)
 
 
+class _Clock:
+    """Wall and CPU seconds per stage, summed over calls (``timing.json``)."""
+
+    def __init__(self, path: pathlib.Path, log: Callable[[str], None]) -> None:
+        self.path, self.log = path, log
+        self.t = json.loads(path.read_text()) if path.exists() else {}
+        self.t.setdefault("wall", {})
+        self.t.setdefault("cpu", {})
+
+    def stage(self, name: str, t0: float, c0: float) -> None:
+        # Re-read first: several processes may work on one --out (e.g. one per noise ratio).
+        if self.path.exists():
+            self.t = json.loads(self.path.read_text())
+        for key, now, start in (("wall", time.time(), t0), ("cpu", cpu_seconds(), c0)):
+            self.t.setdefault(key, {})
+            self.t[key][name] = self.t[key].get(name, 0.0) + now - start
+        atomic_write_text(self.path, json.dumps(self.t, indent=1))
+
+
+def _tuning(a: argparse.Namespace, s: dict[str, Any], **over: Any) -> ev.TuneSettings:
+    base = dict(seeds=s["seeds"], fractions=s["fractions"], epochs=s["tune_epochs"], loss_config=a.loss_preset,
+                batch_size=a.tune_batch_size)
+    return ev.TuneSettings(**(base | over))
+
+
+def _pretrain_one(a, s, data, pdir: pathlib.Path, gamma: float, seed: int, log, **noise: Any) -> dict[str, Any]:
+    if (pdir / "model.pt").exists() and (pdir / "metrics.json").exists():
+        return json.loads((pdir / "metrics.json").read_text())
+    t0 = time.time()
+    cfg = pt.PretrainConfig(arch=a.arch, noise=gamma, epochs=s["pretrain_epochs"], seed=seed,
+                            batch_size=16 if a.tiny else a.pretrain_batch_size, lr=a.pretrain_lr, workers=a.workers,
+                            **noise)
+    m = pt.pretrain(data, pdir, cfg, progress=not a.no_progress)
+    log(f"pretrain gamma={gamma:g} seed={seed}: val acc {m['val_accuracy']:.4f} ({time.time() - t0:.0f} s)")
+    return m
+
+
+def _run_supervised(a, s, out: pathlib.Path, data, tasks, clock: _Clock, log) -> dict[str, Any]:
+    pre: dict[float, dict[int, Any]] = {}
+    evals: dict[float, dict[int, Any]] = {}
+    for gamma in s["gammas"]:
+        for seed in s["pretrain_seeds"]:
+            sub = pathlib.Path(_tag(gamma)) / f"s{seed}"
+            t0, c0 = time.time(), cpu_seconds()
+            pre.setdefault(gamma, {})[seed] = _pretrain_one(a, s, data, out / "pretrain" / sub, gamma, seed, log)
+            clock.stage("pretrain", t0, c0)
+            t0, c0 = time.time(), cpu_seconds()
+            evals.setdefault(gamma, {})[seed] = ev.run_evaluation(
+                out / "pretrain" / sub / "model.pt", tasks, out / "eval" / sub, gamma=gamma, tuning=_tuning(a, s),
+                lora=a.lora, feature_cache=out / "features" / sub, workers=a.workers, pretrain_seed=seed)
+            clock.stage("evaluate", t0, c0)
+            log(f"evaluate gamma={gamma:g} seed={seed}: {len(evals[gamma][seed]['records'])} records "
+                f"({time.time() - t0:.0f} s)")
+    records = [r for g in sorted(evals) for p in sorted(evals[g]) for r in evals[g][p]["records"]]
+    abl: list[dict[str, Any]] = []
+    for name in s["ablations"]:
+        t0, c0 = time.time(), cpu_seconds()
+        abl += _ablation(name, a, s, out, data, tasks, records, log)
+        clock.stage(f"ablation:{name}", t0, c0)
+    return {"regime": "supervised", "records": records, "ablation_records": abl,
+            "backbone": {g: {p: e["backbone"] for p, e in by.items()} for g, by in evals.items()},
+            "pretrain_accuracy": {g: {p: m["val_accuracy"] for p, m in by.items()} for g, by in pre.items()},
+            "pretrain": pre, "spectra": {g: by[min(by)]["spectra"] for g, by in evals.items()}}
+
+
+_TERM_VARIANTS = {"full (paper)": {}, "-MSE": {"mse_weight": 0.0}, "-COV": {"cov_weight": 0.0},
+                  "-SVD": {"svd_weight": 0.0}, "MSE only": {"cov_weight": 0.0, "svd_weight": 0.0},
+                  "COV only": {"mse_weight": 0.0, "svd_weight": 0.0}, "SVD only": {"mse_weight": 0.0, "cov_weight": 0.0}}
+
+
+def _ablation_plan(name: str, a, s) -> list[tuple[str, dict[str, Any]]]:
+    """``(variant, TuneSettings overrides)``; ``None`` overrides = reuse the main records."""
+    cfg = a.loss_preset
+    if name == "terms":
+        return [(v, {"methods": ("nmtune",), "loss_config": NMTuneConfig.from_preset(cfg, **o)} if o else None)
+                for v, o in _TERM_VARIANTS.items()]
+    if name == "top_k":  # all three rerun: the batch size may differ from the main run's (see _safe_batch)
+        return [(f"top_k={k}", {"methods": ("nmtune",), "loss_config": NMTuneConfig.from_preset(cfg, top_k=k)})
+                for k in (1, 3, 5)]
+    if name == "fractions":
+        return [(f"{100 * f:g}% data", None if f in s["fractions"] else {"fractions": (f,)})
+                for f in (0.1, 0.25, 0.5, 0.75, 1.0)]
+    if name == "label_noise":
+        return [(f"eta={100 * e:g}%", None if e == 0 else {"label_noise": e}) for e in (0.0, 0.1, 0.3)]
+    raise ValueError(f"unknown ablation {name!r}; expected one of {ABLATIONS}")
+
+
+def _safe_batch(n: int, batch_size: int, min_rows: int) -> int:
+    """The largest batch size <= ``batch_size`` whose trailing batch of ``n`` rows is empty or
+    has at least ``min_rows`` rows (L_SVD with ``top_k = k`` needs ``k`` rows in every batch).
+
+    Example:
+        >>> _safe_batch(387, 128, 5), _safe_batch(256, 128, 5)
+        (127, 128)
+    """
+    for b in range(batch_size, min_rows - 1, -1):
+        if n % b == 0 or n % b >= min_rows:
+            return b
+    return n
+
+
+def _ablation(name: str, a, s, out: pathlib.Path, data, tasks, main_records, log) -> list[dict[str, Any]]:
+    """Records of one ablation at ``s["ablation_gamma"]`` on every pre-trained model (cached)."""
+    g = min(s["gammas"], key=lambda x: abs(x - s["ablation_gamma"]))
+    if name == "asymmetric":
+        return _asymmetric(a, s, out, data, tasks, main_records, log)
+    rows: list[dict[str, Any]] = []
+    for variant, over in _ablation_plan(name, a, s):
+        if over is None:  # the main run already holds this setting
+            methods = {"terms": ("nmtune",), "top_k": ("nmtune",)}.get(name, ("lp", "mlp", "nmtune"))
+            keep = [r for r in main_records if r["gamma"] == g and r["method"] in methods
+                    and (name != "label_noise" or r["kind"] == "id")]
+            rows += [dict(r, ablation=name, variant=variant) for r in keep]
+            continue
+        for seed in s["pretrain_seeds"]:
+            sub = pathlib.Path(_tag(g)) / f"s{seed}"
+            tuning = _tuning(a, s, **over)
+            cache = out / "ablations" / name / sub / (variant.replace("%", "pct").replace(" ", "_") + ".json")
+            key = tuning.as_record()
+            if cache.exists() and json.loads(cache.read_text())["settings"] == key:
+                rows += json.loads(cache.read_text())["records"]
+                continue
+            recs = []
+            for t in tasks:
+                if name == "label_noise" and t.kind != "id":
+                    continue
+                feats = torch.load(out / "features" / sub / f"{t.name}.pt", weights_only=False)
+                task_tuning = tuning
+                if name == "top_k":
+                    bs = _safe_batch(len(feats["train"][1]), tuning.batch_size, 5)
+                    task_tuning = dataclasses.replace(tuning, batch_size=bs)
+                recs += [dict(r, ablation=name, variant=variant)
+                         for r in ev.tune_and_score(feats, gamma=g, settings=task_tuning, pretrain_seed=seed)]
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(cache, json.dumps({"settings": key, "records": recs}))
+            rows += recs
+        log(f"ablation {name}: {variant} done")
+    return rows
+
+
+def _asymmetric(a, s, out: pathlib.Path, data, tasks, main_records, log) -> list[dict[str, Any]]:
+    """Pre-training noise only within the classes shared with a downstream task (the
+    glyphs A-Z that the OOD font task uses), against symmetric noise of the same ratio."""
+    if a.dataset != "glyphs" or a.task:
+        log("ablation asymmetric: needs the offline glyph data and tasks; skipped")
+        return []
+    g = min((x for x in s["gammas"] if x > 0), key=lambda x: abs(x - max(s["ablation_gamma"], 0.2)))
+    chars = vd.PRETRAIN_CHARS[:data.num_classes]
+    overlap = tuple(i for i, c in enumerate(chars) if c in vd.OOD_CHARS)
+    rows = [dict(r, ablation="asymmetric", variant=v) for r in main_records
+            for v, gg in (("clean", 0.0), (f"symmetric {100 * g:g}%", g)) if r["gamma"] == gg]
+    variant = f"asymmetric {100 * g:g}%"
+    for seed in s["pretrain_seeds"]:
+        pdir = out / "ablations" / "asymmetric" / _tag(g) / f"s{seed}"
+        _pretrain_one(a, s, data, pdir, g, seed, log, noise_type="asymmetric", noise_classes=overlap)
+        res = ev.run_evaluation(pdir / "model.pt", tasks, pdir / "eval", gamma=g, tuning=_tuning(a, s),
+                                feature_cache=pdir / "features", pretrain_seed=seed)
+        rows += [dict(r, ablation="asymmetric", variant=variant) for r in res["records"]]
+    return rows
+
+
+def _final_accuracy(curves: Any) -> float | None:
+    """The last validation / zero-shot accuracy of a pre-training record (any layout)."""
+    if isinstance(curves, (int, float)):
+        return float(curves)
+    if not isinstance(curves, dict):
+        return None
+    for key in ("val_accuracy", "zeroshot_val_accuracy", "zeroshot_accuracy", "val_acc", "accuracy"):
+        v = curves.get(key)
+        if isinstance(v, list) and v:
+            v = v[-1]
+        if isinstance(v, (int, float)):
+            return float(v)
+    return None
+
+
+def _by_gamma_seed(obj: Any, leaf: Callable[[Any], bool]) -> dict[float, dict[int, Any]]:
+    """``{gamma: {pretrain_seed: x}}`` from ``{gamma: x}`` or ``{gamma: {seed: x}}`` (str keys too)."""
+    out: dict[float, dict[int, Any]] = {}
+    for g, v in (obj or {}).items():
+        if leaf(v):
+            out[float(g)] = {0: v}
+        elif isinstance(v, dict):
+            out[float(g)] = {int(p): x for p, x in v.items() if leaf(x)}
+    return out
+
+
+def _run_contrastive(a, s, out: pathlib.Path, clock: _Clock, log) -> dict[str, Any]:
+    try:
+        import contrastive
+    except ModuleNotFoundError as err:
+        raise ModuleNotFoundError(f"--regime contrastive needs examples/contrastive.py ({err})") from err
+    t0, c0 = time.time(), cpu_seconds()
+    res = contrastive.run_regime(out / "contrastive", tiny=a.tiny, gammas=tuple(s["gammas"]),
+                                 pretrain_seeds=tuple(s["pretrain_seeds"]), tune_seeds=tuple(s["seeds"]),
+                                 settings=_tuning(a, s))
+    clock.stage("contrastive", t0, c0)
+    log(f"contrastive: {len(res['records'])} records ({time.time() - t0:.0f} s)")
+    pre = _by_gamma_seed(res.get("pretrain"), lambda v: _final_accuracy(v) is not None)
+    return {"regime": "contrastive", "records": [dict(r, regime="contrastive") for r in res["records"]],
+            "ablation_records": [], "backbone": _by_gamma_seed(res.get("backbone"), lambda v: "id_sve" in v
+                                                               if isinstance(v, dict) else False),
+            "pretrain_accuracy": {g: {p: _final_accuracy(v) for p, v in by.items()} for g, by in pre.items()},
+            "pretrain": res.get("pretrain"), "figures": [str(f) for f in res.get("figures", [])], "spectra": {}}
+
+
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     """Run (or resume) the study; returns the aggregated results."""
     a = _parser().parse_args(argv)
@@ -131,180 +378,49 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     s = _settings(a)
     out = pathlib.Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    timing_file = out / "timing.json"
-    timing: dict[str, float] = json.loads(timing_file.read_text()) if timing_file.exists() else {}
-    t_all = time.time()
     log = (lambda msg: None) if a.no_progress else (lambda msg: print(f"[reproduce] {msg}", flush=True))
-
-    def stage(name: str, t0: float) -> None:
-        timing[name] = timing.get(name, 0.0) + time.time() - t0
-        timing_file.write_text(json.dumps(timing, indent=1))
-
-    t0 = time.time()
-    data = pt.load_pretrain_data(a.dataset, a.data_root, image_size=a.image_size, tiny=a.tiny, download=a.download,
-                                 cache=out / "data" / "pretrain.pt" if a.dataset == "glyphs" else None)
-    tasks = _load_tasks(a, out / "data" / "tasks.pt")
-    stage("data", t0)
-    log(f"data: {len(data.train)} pre-training images, {data.num_classes} classes; tasks "
-        + ", ".join(f"{t.name} ({t.kind})" for t in tasks))
-
-    pre: dict[float, dict[str, Any]] = {}
-    evals: dict[float, dict[str, Any]] = {}
-    for gamma in s["gammas"]:
-        pdir = out / "pretrain" / _tag(gamma)
-        t0 = time.time()
-        if (pdir / "model.pt").exists() and (pdir / "metrics.json").exists():
-            pre[gamma] = json.loads((pdir / "metrics.json").read_text())
-            log(f"pretrain gamma={gamma:g}: done before (val acc {pre[gamma]['val_accuracy']:.4f})")
-        else:
-            cfg = pt.PretrainConfig(arch=a.arch, noise=gamma, epochs=s["pretrain_epochs"],
-                                    batch_size=16 if a.tiny else a.pretrain_batch_size, lr=a.pretrain_lr, workers=a.workers)
-            pre[gamma] = pt.pretrain(data, pdir, cfg, progress=not a.no_progress)
-            log(f"pretrain gamma={gamma:g}: val acc {pre[gamma]['val_accuracy']:.4f} "
-                f"({time.time() - t0:.0f} s)")
-        stage("pretrain", t0)
-        t0 = time.time()
-        tuning = ev.TuneSettings(seeds=s["seeds"], fractions=s["fractions"], epochs=s["tune_epochs"],
-                                 loss_config=a.loss_preset, batch_size=a.tune_batch_size)
-        evals[gamma] = ev.run_evaluation(
-            pdir / "model.pt", tasks, out / "eval" / _tag(gamma), gamma=gamma, tuning=tuning, lora=a.lora,
-            feature_cache=out / "features" / _tag(gamma), workers=a.workers)
-        stage("evaluate", t0)
-        log(f"evaluate gamma={gamma:g}: {len(evals[gamma]['records'])} records ({time.time() - t0:.0f} s)")
-
+    clock = _Clock(out / "timing.json", log)
+    t_all, c_all = time.time(), cpu_seconds()
+    regimes = ("supervised", "contrastive") if a.regime == "all" else (a.regime,)
+    sections = []
+    if "supervised" in regimes:
+        t0, c0 = time.time(), cpu_seconds()
+        data = pt.load_pretrain_data(a.dataset, a.data_root, image_size=a.image_size, tiny=a.tiny,
+                                     download=a.download,
+                                     cache=out / "data" / "pretrain.pt" if a.dataset == "glyphs" else None)
+        tasks = _load_tasks(a, out / "data" / "tasks.pt")
+        clock.stage("data", t0, c0)
+        log(f"data: {len(data.train)} pre-training images, {data.num_classes} classes; tasks "
+            + ", ".join(f"{t.name} ({t.kind})" for t in tasks))
+        sections.append(_run_supervised(a, s, out, data, tasks, clock, log))
+    if "contrastive" in regimes:
+        sections.append(_run_contrastive(a, s, out, clock, log))
     language = None
     if a.language:
-        t0 = time.time()
+        t0, c0 = time.time(), cpu_seconds()
         language = _load_language(out / "language", a.tiny)
-        stage("language", t0)
-    t0 = time.time()
+        clock.stage("language", t0, c0)
+    t0, c0 = time.time(), cpu_seconds()
     command = " ".join(["python examples/reproduce_paper.py", *(
         shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))])
-    result = write_report(out, pre, evals, s, command=command, timing=timing,
-        language_table=(out / "language" / "table.md") if language is not None else None)
-    stage("report", t0)
-    log(f"report: {out / 'report.md'} ({time.time() - t_all:.0f} s this call)")
+    result = write_report(out, sections, s, command=command, timing=clock.t,
+                          language_table=(out / "language" / "table.md") if language is not None else None)
+    clock.stage("report", t0, c0)
+    log(f"report: {out / 'report.md'} ({time.time() - t_all:.0f} s wall, {cpu_seconds() - c_all:.0f} s CPU this call)")
+    if a.refresh_results:
+        refresh_results(out, RESULTS)
+        log(f"copied the report into {RESULTS}")
     return result
 
 
-def _machine() -> str:
-    return (f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores visible, torch "
-            f"{torch.__version__} ({torch.get_num_threads()} threads), "
-            + (f"CUDA {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "no GPU"))
-
-
-def write_report(out: pathlib.Path, pre: dict[float, dict[str, Any]], evals: dict[float, dict[str, Any]],
-                 settings: dict[str, Any], *, command: str, timing: dict[str, float],
-                 language_table: pathlib.Path | None = None) -> dict[str, Any]:
-    """Figures, claims and ``report.md`` from the per-gamma results."""
-    fig_dir = out / "figures"
-    fig_dir.mkdir(parents=True, exist_ok=True)
-    records = [r for g in sorted(evals) for r in evals[g]["records"]]
-    fractions = sorted({float(r["fraction"]) for r in records})
-    full = max(fractions)
-    by_frac = {f: analysis.summarize_records(records, fraction=f) for f in fractions}
-    summary = by_frac[full]
-    backbone = {g: evals[g]["backbone"] for g in sorted(evals)}
-    pre_acc = {g: pre[g]["val_accuracy"] for g in sorted(pre)}
-    claims = analysis.check_claims(summary, backbone=backbone, pretrain_accuracy=pre_acc)
-
-    figs = {
-        "fig2": analysis.plot_noise_curves(by_frac, fig_dir / "fig2_noise_vs_accuracy.png"),
-        "fig3": analysis.plot_spectral_metrics(backbone, fig_dir / "fig3_sve_lsvr.png"),
-        "fig5": analysis.plot_method_comparison(summary, fig_dir / "fig5_methods.png"),
-    }
-    first_id = next((t for t in evals[min(evals)]["spectra"]
-                     if any(r["task"] == t and r["kind"] == "id" for r in records)), None)
-    if first_id is not None:
-        figs["spectra_noise"] = analysis.plot_spectra(
-            {f"{100 * g:g}% noise": evals[g]["spectra"][first_id]["backbone"] for g in sorted(evals)},
-            fig_dir / "spectra_backbone.png", title=f"pre-trained features, {first_id} test")
-        g0 = min(evals)
-        figs["spectra_methods"] = analysis.plot_spectra(
-            {("LP (Z = F, frozen features)" if m == "lp" else "NMTune" if m == "nmtune" else m.upper()): v
-             for m, v in evals[g0]["spectra"][first_id].items() if m != "backbone"},
-            fig_dir / "spectra_methods.png", title=f"tuned features Z, {first_id} test, {100 * g0:g}% noise")
-
-    def cell(g, m, kind, key):
-        mu, sd = summary.get(m, {}).get(g, {}).get(kind, {}).get(key, (float("nan"), float("nan")))
-        return f"{100 * mu:.2f} ± {100 * sd:.2f}"
-
-    methods = [m for m in ("lp", "mlp", "nmtune", "lora", "lora+nmtune") if m in summary]
-    t1 = ["| noise | method | ID acc | ID F1 | OOD acc | OOD F1 |", "|---|---|---|---|---|---|"]
-    for g in sorted(evals):
-        for m in methods:
-            t1.append(f"| {100 * g:g}% | {m.upper() if m != 'nmtune' else 'NMTune'} | {cell(g, m, 'id', 'accuracy')} | "
-                      f"{cell(g, m, 'id', 'macro_f1')} | {cell(g, m, 'ood', 'accuracy')} | {cell(g, m, 'ood', 'macro_f1')} |")
-    pre_rows = ["| noise | val acc (clean labels) | train acc (noisy labels) | noisy labels |", "|---|---|---|---|"]
-    for g in sorted(pre):
-        p = pre[g]
-        pre_rows.append(f"| {100 * g:g}% | {100 * p['val_accuracy']:.2f} | {100 * p['train_noisy_accuracy']:.2f} | "
-                        f"{p['num_noisy']}/{p['num_train']} |")
-    fig3_rows = ["| noise | SVE (ID, frozen) | LSVR (OOD, frozen) |", "|---|---|---|"]
-    for g, b in backbone.items():
-        fig3_rows.append(f"| {100 * g:g}% | {b.get('id_sve', float('nan')):.4f} | {b.get('ood_lsvr', float('nan')):.4f} |")
-    n_yes = sum(c["reproduced"] for c in claims)
-    tasks_line = ", ".join(sorted({f"{r['task']} ({r['kind']})" for r in records}))
-    wall = sum(timing.values())
-    lines = [
-        "# NMTune study: noisy pre-training, ID/OOD evaluation",
-        "",
-        f"- command: `{command}`",
-        f"- machine: {_machine()}",
-        "- wall time (s) by stage, summed over calls: " + ", ".join(f"{k} {v:.0f}" for k, v in timing.items())
-        + f"; total {wall:.0f}",
-        f"- noise ratios: {', '.join(f'{100 * g:g}%' for g in sorted(evals))}; tuning seeds {settings['seeds']}; "
-        f"downstream data fractions {settings['fractions']}; pre-training epochs {settings['pretrain_epochs']}; "
-        f"tuning epochs {settings['tune_epochs']}",
-        f"- downstream tasks: {tasks_line}",
-        "",
-        f"**{n_yes} of {len(claims)} checked claims reproduced in this run.** Each line below is decided by code "
-        "from the numbers in `results.json`; 'within noise' means the deciding difference is smaller than the "
-        "standard deviation over tuning seeds (the pre-training itself is one seed per noise ratio).",
-        "",
-        "## Claims",
-        "",
-        analysis.claims_markdown(claims),
-        "",
-        "## Pre-training (one model per noise ratio)",
-        "",
-        *pre_rows,
-        "",
-        f"## Table 1 analogue (mean ± std over seeds, {100 * full:g}% of the downstream data)",
-        "",
-        *t1,
-        "",
-        "## Figure 2 analogue: LP accuracy vs pre-training noise",
-        "",
-        "![fig2](figures/fig2_noise_vs_accuracy.png)",
-        "",
-        "## Figure 3 analogue: SVE (ID) and LSVR (OOD) of the frozen pre-trained features",
-        "",
-        *fig3_rows,
-        "",
-        "![fig3](figures/fig3_sve_lsvr.png)",
-        "",
-        "## Figure 5 analogue: LP vs MLP vs NMTune",
-        "",
-        "![fig5](figures/fig5_methods.png)",
-        "",
-    ]
-    if "spectra_noise" in figs:
-        lines += ["Singular value spectra (rows L2-normalised):", "",
-                  "![spectra](figures/spectra_backbone.png) ![spectra](figures/spectra_methods.png)", ""]
-    if language_table is not None and pathlib.Path(language_table).exists():
-        lang = [("##" + ln if ln.startswith("#") else ln)  # nest its headings under this section
-                for ln in pathlib.Path(language_table).read_text().splitlines()]
-        lines += ["## Table 2 analogue: language (`examples/language.py`)", "", *lang, ""]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
-    result = {"settings": settings, "pretrain": {str(g): {k: v for k, v in p.items() if k != "history"}
-                                                 for g, p in pre.items()},
-              "summary": {m: {str(g): v for g, v in by_g.items()} for m, by_g in summary.items()},
-              "backbone": {str(g): {k: v for k, v in b.items() if k != "per_test_set"} for g, b in backbone.items()},
-              "claims": claims, "records": records, "timing": timing, "command": command, "machine": _machine(),
-              "figures": {k: os.path.relpath(v, out) for k, v in figs.items()}}
-    (out / "results.json").write_text(json.dumps(result, indent=1))
-    return result
+def refresh_results(out: pathlib.Path, dest: pathlib.Path) -> None:
+    """Copy a run's report files into ``dest`` (the committed ``examples/results/``)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("report.md", "claims.json", "results.json", "timing.json"):
+        if (out / name).exists():
+            shutil.copy2(out / name, dest / name)
+    if (out / "figures").exists():
+        shutil.copytree(out / "figures", dest / "figures", dirs_exist_ok=True)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

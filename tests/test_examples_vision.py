@@ -224,36 +224,163 @@ def test_reproduce_paper_tiny(tmp_path, monkeypatch):
 
     def fake_language(lang_out, tiny):  # the language helper's contract: run_study(out, tiny=...)
         lang_out.mkdir(parents=True)
-        (lang_out / "table.md").write_text("| method | ID |\n|---|---|\n| LANGTABLE | 1 |\n")
+        (lang_out / "table.md").write_text("# title\n\n| method | ID |\n|---|---|\n| LANGTABLE | 1 |\n")
         (lang_out / "results.json").write_text("{}")
         return {}
 
     monkeypatch.setattr(rp, "_load_language", fake_language)
-    res = rp.main(["--tiny", "--out", str(out), "--no-progress", "--language"])
+    monkeypatch.setattr(rp, "RESULTS", tmp_path / "committed")
+    res = rp.main(["--tiny", "--out", str(out), "--no-progress", "--language", "--refresh-results",
+                   "--ablations", "top_k", "label_noise"])
     report = (out / "report.md").read_text()
-    for section in ("## Claims", "Table 1 analogue", "Figure 2", "Figure 3", "Figure 5", "LANGTABLE"):
-        assert section in report
+    for section in ("## Supervised regime", "### Claims", "Table 1 analogue", "Figure 2", "Figure 3", "Figure 5",
+                    "LANGTABLE", "### Ablations", "top_k of L_SVD", "noisy downstream labels", "hierarchical"):
+        assert section in report, section
     for rel in res["figures"].values():
         data = (out / rel).read_bytes()
         assert data[:4] == b"\x89PNG" and len(data) > 5000
+    claims = json.loads((out / "claims.json").read_text())
+    assert len(claims) == 16
+    for c in claims:
+        assert {"claim", "verdict", "estimate", "ci_low", "ci_high", "n_pretrain", "n_tune"} <= set(c)
+        assert c["verdict"] in ("reproduced", "contradicted", "inconclusive") and c["n_pretrain"] == 2
+        assert c["ci_low"] <= c["estimate"] <= c["ci_high"]
     saved = json.loads((out / "results.json").read_text())
-    assert len(saved["claims"]) >= 10 and all(isinstance(c["reproduced"], bool) for c in saved["claims"])
-    assert sorted(float(g) for g in saved["pretrain"]) == [0.0, 0.05, 0.1, 0.2, 0.3]
+    assert {(r["gamma"], r["pretrain_seed"]) for r in saved["records"]} == {
+        (g, p) for g in (0.0, 0.05, 0.1, 0.2, 0.3) for p in (0, 1)}
     assert {r["method"] for r in saved["records"]} == {"lp", "mlp", "nmtune"}
+    assert all(r["regime"] == "supervised" for r in saved["records"])
     assert all(math.isfinite(r[k]) for r in saved["records"] for k in ("accuracy", "macro_f1", "sve", "lsvr"))
-    for g, b in saved["backbone"].items():
-        assert math.isfinite(b["id_sve"]) and math.isfinite(b["ood_lsvr"])
-    # a rerun skips every finished stage and reproduces the same records
-    mtimes = {p: p.stat().st_mtime for p in out.glob("pretrain/*/model.pt")}
-    again = rp.main(["--tiny", "--out", str(out), "--no-progress"])
-    assert {p: p.stat().st_mtime for p in out.glob("pretrain/*/model.pt")} == mtimes
-    assert again["records"] == saved["records"]
+    assert {r["variant"] for r in saved["ablation_records"] if r["ablation"] == "label_noise"} == {
+        "eta=0%", "eta=10%", "eta=30%"}
+    assert all(r["kind"] == "id" for r in saved["ablation_records"] if r["ablation"] == "label_noise")
+    committed = tmp_path / "committed"
+    assert (committed / "claims.json").read_text() == (out / "claims.json").read_text()
+    assert (committed / "figures" / "supervised_forest.png").exists()
+    # a rerun skips every finished stage (two pre-training seeds per noise ratio) and gives the same records
+    models = sorted(out.glob("pretrain/*/s*/model.pt"))
+    assert len(models) == 10
+    mtimes = {p: p.stat().st_mtime for p in models}
+    again = rp.main(["--tiny", "--out", str(out), "--no-progress", "--ablations", "top_k", "label_noise"])
+    assert {p: p.stat().st_mtime for p in models} == mtimes
+    assert again["records"] == saved["records"] and again["claims"] == saved["claims"]
+
+
+def _fake_contrastive(calls):
+    import types
+
+    def run_regime(out_dir, *, tiny=False, gammas=(0.0, 0.05, 0.10, 0.20, 0.30), pretrain_seeds=(0, 1, 2),
+                   tune_seeds=(0, 1, 2), settings=None):
+        calls.append(dict(out_dir=out_dir, tiny=tiny, gammas=gammas, pretrain_seeds=pretrain_seeds,
+                          tune_seeds=tune_seeds, settings=settings))
+        recs = []
+        for g in gammas:
+            for p in pretrain_seeds:
+                for m, base in (("lp", 0.6), ("mlp", 0.6), ("nmtune", 0.7), ("zeroshot", 0.3)):
+                    for t in (tune_seeds if m != "zeroshot" else tune_seeds[:1]):
+                        for kind in ("id", "ood"):
+                            acc = base - g / 2 + 0.01 * p + 0.001 * t
+                            recs.append(dict(regime="contrastive", gamma=g, pretrain_seed=p, method=m, kind=kind,
+                                             task="glyphs", domain="test", seed=t, fraction=1.0, accuracy=acc,
+                                             macro_f1=acc, sve=2.0 + g, lsvr=1.0 + g))
+        fig = out_dir / "figures" / "clip_curves.png"
+        fig.parent.mkdir(parents=True, exist_ok=True)
+        fig.write_bytes(b"\x89PNG fake")
+        return {"records": recs,
+                "pretrain": {g: {p: {"loss": [2.0, 1.0], "zeroshot_val_accuracy": [0.2, 0.5 - g]}
+                                 for p in pretrain_seeds} for g in gammas},
+                "backbone": {g: {p: {"id_sve": 3.0 + g + 0.01 * p, "ood_lsvr": 1.0 + g} for p in pretrain_seeds}
+                             for g in gammas},
+                "figures": [fig]}
+
+    return types.SimpleNamespace(run_regime=run_regime)
+
+
+def test_reproduce_paper_contrastive_regime_wiring(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setitem(sys.modules, "contrastive", _fake_contrastive(calls))
+    out = tmp_path / "study"
+    res = rp.main(["--regime", "contrastive", "--out", str(out), "--no-progress", "--seeds", "3,4",
+                   "--pretrain-seeds", "5", "6", "7"])
+    (call,) = calls
+    assert call["out_dir"] == out / "contrastive" and call["pretrain_seeds"] == (5, 6, 7)
+    assert call["tune_seeds"] == (3, 4) and call["gammas"] == (0.0, 0.05, 0.1, 0.2, 0.3)
+    assert isinstance(call["settings"], ev.TuneSettings) and call["settings"].seeds == (3, 4)
+    report = (out / "report.md").read_text()
+    assert "## Contrastive regime" in report and "## Supervised regime" not in report
+    assert "contrastive/figures/clip_curves.png" in report
+    claims = {c["claim"]: c for c in json.loads((out / "claims.json").read_text())}
+    assert all(c["regime"] == "contrastive" for c in claims.values())
+    zs = [c for k, c in claims.items() if "zero-shot" in k]
+    assert len(zs) == 2 and all(c["verdict"] == "reproduced" and c["n_pretrain"] == 3 for c in zs)
+    pre = next(c for k, c in claims.items() if k.startswith("Pre-training accuracy"))
+    assert pre["verdict"] == "reproduced" and pre["estimate"] == pytest.approx(-1.0)
+    sve = next(c for k, c in claims.items() if k.startswith("SVE of the pre-trained"))
+    assert sve["estimate"] == pytest.approx(1.0)
+    assert res["counts"]["contrastive"]["reproduced"] >= 4
+
+
+def test_reproduce_paper_regime_all_has_a_section_per_regime(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setitem(sys.modules, "contrastive", _fake_contrastive(calls))
+    out = tmp_path / "study"
+    rp.main(["--regime", "all", "--tiny", "--out", str(out), "--no-progress", "--gammas", "0", "10",
+             "--ablations"])
+    report = (out / "report.md").read_text()
+    assert report.index("## Supervised regime") < report.index("## Contrastive regime")
+    assert calls[0]["tiny"] and calls[0]["gammas"] == (0.0, 0.1)
+    regimes = {c["regime"] for c in json.loads((out / "claims.json").read_text())}
+    assert regimes == {"supervised", "contrastive"}
+
+
+def test_reproduce_paper_parses_seed_lists_and_regimes():
+    a = rp._parser().parse_args(["--seeds", "3,4,5", "--pretrain-seeds", "3", "4,5"])
+    s = rp._settings(a)
+    assert s["seeds"] == [3, 4, 5] and s["pretrain_seeds"] == [3, 4, 5]
+    d = rp._settings(rp._parser().parse_args([]))
+    assert len(d["pretrain_seeds"]) >= 3 and d["ablations"] == list(rp.DEFAULT_ABLATIONS)
+    assert rp._settings(rp._parser().parse_args(["--full"]))["ablations"] == list(rp.ABLATIONS)
+    assert rp._parser().parse_args([]).regime == "supervised" and rp._parser().parse_args([]).out == "runs/reproduce"
+    with pytest.raises(SystemExit):
+        rp._parser().parse_args(["--regime", "clip"])
 
 
 def test_tune_settings_validate_and_record() -> None:
     settings = ev.TuneSettings(methods=["lp", "nmtune"], seeds=[1], loss_config="official", batch_size=64)
     assert settings.methods == ("lp", "nmtune") and settings.seeds == (1,)
     assert settings.as_record() == dict(methods=["lp", "nmtune"], seeds=[1], fractions=[1.0], epochs=30,
-                                        loss_config="official", tune_batch_size=64)
+                                        loss_config="official", tune_batch_size=64, label_noise=0.0,
+                                        normalize_rows=True)
+    with pytest.raises(ValueError, match="label_noise"):
+        ev.TuneSettings(label_noise=1.0)
     with pytest.raises(ValueError, match=r"methods must be a non-empty subset of \('lp', 'mlp', 'nmtune'\)"):
         ev.TuneSettings(methods=["lora"])
+
+
+def test_asymmetric_pretrain_noise_stays_within_its_classes(tmp_path, tiny_data):
+    cfg = pt.PretrainConfig(noise=0.5, epochs=1, batch_size=16, noise_type="asymmetric", noise_classes=(0, 1, 2))
+    pt.pretrain(tiny_data, tmp_path, cfg, progress=False)
+    noisy = torch.load(tmp_path / "noisy_labels.pt", weights_only=False)
+    flipped = noisy["mask"]
+    assert int(flipped.sum()) == round(0.5 * int(torch.isin(tiny_data.labels, torch.tensor([0, 1, 2])).sum()))
+    assert set(tiny_data.labels[flipped].tolist()) <= {0, 1, 2} and set(noisy["labels"][flipped].tolist()) <= {0, 1, 2}
+    with pytest.raises(ValueError, match="noise_classes"):
+        pt.PretrainConfig(noise_type="asymmetric", noise_classes=(1,))
+    with pytest.raises(ValueError, match="noise_type"):
+        pt.PretrainConfig(noise_type="pair")
+
+
+def test_downstream_label_noise_only_touches_id_training_labels():
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(90) % 3
+    x = torch.randn(90, 8, generator=g) + 2.0 * torch.nn.functional.one_hot(y, 8).float()
+    base = dict(num_classes=3, train=(x, y), tests={"test": (x, y)})
+    clean = ev.TuneSettings(methods=("lp",), seeds=(0,), epochs=2, batch_size=16)
+    noisy = ev.TuneSettings(methods=("lp",), seeds=(0,), epochs=2, batch_size=16, label_noise=0.6)
+    acc = {}
+    for kind in ("id", "ood"):
+        feats = dict(base, name=kind, kind=kind)
+        acc[kind] = [ev.tune_and_score(feats, gamma=0.0, settings=s, pretrain_seed=4)[0] for s in (clean, noisy)]
+    assert acc["ood"][0]["accuracy"] == acc["ood"][1]["accuracy"]
+    assert acc["id"][0]["accuracy"] != acc["id"][1]["accuracy"]
+    assert acc["id"][0]["pretrain_seed"] == 4 and acc["id"][0]["regime"] == "supervised"

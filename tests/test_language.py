@@ -370,10 +370,17 @@ def test_transformers_mean_pooling_matches_sentence_transformers_minilm() -> Non
 
 
 @pytest.mark.slow
-def test_tiny_end_to_end_with_the_real_minilm(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    res = L.main(["--tiny", "--out", str(tmp_path / "out")])
+def test_tiny_end_to_end_with_the_real_minilm(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    committed = L.RESULTS_OUT / "results.json"
+    before = committed.stat().st_mtime if committed.exists() else None
+    monkeypatch.chdir(tmp_path)  # the default output goes under ./runs/, never into the checkout
+    res = L.main(["--tiny"])
     assert "| NMTune |" in capsys.readouterr().out
-    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    out = tmp_path / "runs" / "language"
+    assert (out / "cache").is_dir()
+    assert (committed.stat().st_mtime if committed.exists() else None) == before
+    saved = json.loads((out / "results.json").read_text())
     assert saved["meta"]["encoder"] == "hf-all-MiniLM-L6-v2-mean-128" and saved["meta"]["texts_encoded"] == 48
     tiny = saved["tasks"]["tiny"]
     assert set(tiny["methods"]) == {"lp", "mlp", "nmtune"} and len(tiny["per_seed"]["nmtune"]) == 2
@@ -382,10 +389,39 @@ def test_tiny_end_to_end_with_the_real_minilm(tmp_path: Path, capsys: pytest.Cap
         assert agg["id_acc"]["mean"] >= 75.0
         assert 0.0 <= agg["ood_acc"]["mean"] <= 100.0 and agg["id_sve"]["mean"] > 0
     assert tiny["frozen_features"]["id"]["sve"] > 0
-    table = (tmp_path / "out" / "table.md").read_text()
-    assert "| NMTune |" in table and "## Verdict" in table and res["verdict"]
+    table = (out / "table.md").read_text()
+    assert "| NMTune |" in table and "paired by tuning seed" in table and res["verdict"]
     again = L.run_study(tmp_path / "out2", tiny=True, methods=("lp",), seeds=(0,),
-                        cache_dir=tmp_path / "out" / "cache", log=None)
+                        cache_dir=out / "cache", log=None)
     assert again["meta"]["texts_encoded"] == 0  # every split came from the cache
     assert again["tasks"]["tiny"]["methods"]["lp"]["id_acc"]["mean"] == pytest.approx(
         tiny["per_seed"]["lp"][0]["summary"]["id_acc"])
+
+
+def test_refresh_results_is_explicit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = []
+    monkeypatch.setattr(L, "run_study", lambda out, **kw: seen.append(Path(out)) or {"tasks": {}})
+    monkeypatch.setattr(L, "render_table", lambda res: "")
+    monkeypatch.setattr(L, "RESULTS_OUT", tmp_path / "committed")
+    L.main(["--tiny"])
+    L.main(["--tiny", "--refresh-results"])
+    assert seen == [Path("runs") / "language", tmp_path / "committed"]
+    with pytest.raises(SystemExit):
+        L.main(["--refresh-results", "--out", str(tmp_path / "x")])
+
+
+def test_paired_comparisons_over_tuning_seeds_with_test_set_error(tmp_path: Path) -> None:
+    enc = E.CallableEncoder(_FakeApi(dim=8), name="fake-api", batch_size=64)
+    res = L.run_study(tmp_path / "out", task="tiny", encoder=enc, seeds=(0, 1, 2), cache_dir=tmp_path / "cache",
+                      batch_size=16, epochs=2, log=None)
+    comps = res["comparisons"]
+    assert {(c["key"], c["vs"]) for c in comps} == {(k, b) for k in ("id_acc", "ood_acc") for b in ("lp", "mlp")}
+    per = res["tasks"]["tiny"]["per_seed"]
+    for c in comps:
+        diffs = [a["summary"][c["key"]] - b["summary"][c["key"]] for a, b in zip(per["nmtune"], per[c["vs"]])]
+        assert c["estimate"] == pytest.approx(np.mean(diffs)) and c["n_tune"] == 3
+        assert c["test_se"] is not None and c["test_se"] >= 0
+        assert c["ci_low"] <= c["seed_low"] + 1e-9 and c["ci_high"] >= c["seed_high"] - 1e-9
+        assert c["verdict"] in ("reproduced", "contradicted", "inconclusive")
+    assert "_correct" not in json.dumps(res)
+    assert "combined 95% CI" in (tmp_path / "out" / "table.md").read_text()

@@ -1,0 +1,149 @@
+"""What every example shares: atomic writes, machine info, simple statistics, metrics.
+
+One definition each, so the vision study, the language study and the contrastive
+regime agree:
+
+* :func:`atomic_save` / :func:`atomic_write_text`: write to a temporary file, then
+  ``os.replace`` (a killed run never leaves a half-written checkpoint or result);
+* :func:`machine_info`: one line about the machine for a report;
+* :func:`mean_std`: mean and sample standard deviation;
+* :func:`spearman`: ``scipy.stats.spearmanr`` (0 where one side is constant);
+* :func:`macro_f1`: ``sklearn.metrics.f1_score(average="macro")``, scikit-learn's
+  definition (the mean over the classes present in the labels *or* the predictions);
+* :data:`SPECTRUM_NORMALIZE_ROWS`: whether SVE / LSVR / spectra of the studies are
+  taken on L2-normalised feature rows (``True``: the authors' analysis convention,
+  which makes the metrics independent of the feature scale). Both the vision study
+  (``evaluate.py``) and the language study (``language.py``) use it;
+* :func:`cpu_seconds`: CPU time of this process and its children (what a run costs on
+  a shared machine, where wall time is noisy).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pathlib
+import platform
+import resource
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+__all__ = [
+    "SPECTRUM_NORMALIZE_ROWS",
+    "atomic_save",
+    "atomic_write_text",
+    "cpu_seconds",
+    "machine_info",
+    "macro_f1",
+    "mean_std",
+    "spearman",
+]
+
+#: Spectral metrics (SVE, LSVR, spectra) of both studies use L2-normalised rows.
+SPECTRUM_NORMALIZE_ROWS = True
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to ``path`` through a temporary file and ``os.replace``.
+
+    Example:
+        >>> import tempfile
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "x.pt"
+        >>> atomic_save({"a": 1}, p); p.exists()
+        True
+    """
+    import torch
+
+    path = pathlib.Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and ``os.replace``.
+
+    Example:
+        >>> import tempfile
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "r.json"
+        >>> atomic_write_text(p, "{}"); p.read_text()
+        '{}'
+    """
+    path = pathlib.Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its waited-for children.
+
+    Example:
+        >>> cpu_seconds() > 0
+        True
+    """
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def machine_info(device: str = "cpu") -> str:
+    """One line: OS, CPU count, load, torch version and threads, Python, device.
+
+    Example:
+        >>> "torch" in machine_info()
+        True
+    """
+    import torch
+
+    load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
+    gpu = f", CUDA {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
+    return (f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs visible{load}, torch "
+            f"{torch.__version__} ({torch.get_num_threads()} threads), python {platform.python_version()}, "
+            f"device {device}{gpu}")
+
+
+def mean_std(values: Iterable[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (``ddof=1``; 0 for one value, NaN for none).
+
+    Example:
+        >>> mean_std([1.0, 3.0])
+        (2.0, 1.4142135623730951)
+    """
+    v = [float(x) for x in values]
+    if not v:
+        return float("nan"), float("nan")
+    mu = sum(v) / len(v)
+    sd = math.sqrt(sum((x - mu) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0
+    return mu, sd
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rank correlation (``scipy.stats.spearmanr``, average ranks for ties);
+    0 where either side is constant (scipy gives NaN there).
+
+    Example:
+        >>> spearman([0, 1, 2], [3, 1, 2])
+        -0.5
+    """
+    from scipy.stats import spearmanr
+
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if len(x) != len(y) or len(x) < 2:
+        raise ValueError(f"spearman needs two sequences of equal length >= 2, got {len(x)} and {len(y)}")
+    if np.all(x == x[0]) or np.all(y == y[0]):
+        return 0.0
+    return float(spearmanr(x, y).statistic)
+
+
+def macro_f1(y_true: Sequence[int] | np.ndarray, y_pred: Sequence[int] | np.ndarray) -> float:
+    """Macro-averaged F1, scikit-learn's definition (``zero_division=0``).
+
+    Example:
+        >>> round(macro_f1([0, 0, 1, 1], [0, 1, 1, 1]), 4)
+        0.7333
+    """
+    from sklearn.metrics import f1_score
+
+    return float(f1_score(np.asarray(y_true), np.asarray(y_pred), average="macro", zero_division=0))
