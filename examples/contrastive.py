@@ -44,6 +44,7 @@ sys.path.insert(0, str(HERE))
 
 import _clip_data as cd  # noqa: E402
 import _vision_data as vd  # noqa: E402
+from _common import atomic_save  # noqa: E402
 import evaluate as ev  # noqa: E402
 import pretrain_clip as pc  # noqa: E402
 
@@ -95,7 +96,7 @@ def clip_task_features(model: torch.nn.Module, task: vd.ImageTask, cache_file: p
            "num_classes": task.num_classes, "kind": task.kind, "name": task.name}
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        pc._atomic_save(out, cache_file)
+        atomic_save(out, cache_file)
     return out
 
 
@@ -215,7 +216,7 @@ def _data(out: pathlib.Path, tiny: bool) -> tuple[cd.ClipPairs, tuple, list[vd.I
         return torch.load(cache, weights_only=False)
     data = (cd.offline_pairs(tiny=tiny), cd.offline_val(tiny=tiny), vd.offline_tasks(tiny=tiny))
     cache.parent.mkdir(parents=True, exist_ok=True)
-    pc._atomic_save(data, cache)
+    atomic_save(data, cache)
     return data
 
 

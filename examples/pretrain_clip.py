@@ -50,6 +50,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import _clip_data as cd  # noqa: E402
+from _common import atomic_save  # noqa: E402
 import noisy_shards as ns  # noqa: E402
 
 __all__ = ["MODEL_NAME", "MODEL_CONFIG", "PRESETS", "ClipPretrainConfig", "register_model_config",
@@ -206,12 +207,6 @@ class ClipPretrainConfig:
     warmup_epochs: float = 1.0
 
 
-def _atomic_save(obj: Any, path: pathlib.Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def _rng_state(generator: torch.Generator) -> dict[str, Any]:
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
             "data": generator.get_state()}
@@ -330,7 +325,7 @@ def pretrain_clip(
         history.append({"epoch": epoch + 1, "loss": loss, "zeroshot_val": zs,
                         "logit_scale": float(model.logit_scale.detach().exp())})
         done += 1
-        _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                       "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "history": history,
                       "rng": _rng_state(generator), "config": dataclasses.asdict(config)}, ckpt)
         if progress:
@@ -343,7 +338,7 @@ def pretrain_clip(
                "seconds": time.time() - t0, "cpu_seconds": time.process_time() - c0,
                "config": dataclasses.asdict(config)}
     if finished:
-        _atomic_save({"model": model.state_dict(), "model_config": MODEL_CONFIG, "gamma": config.gamma,
+        atomic_save({"model": model.state_dict(), "model_config": MODEL_CONFIG, "gamma": config.gamma,
                       "seed": config.seed}, out / "model.pt")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     return metrics

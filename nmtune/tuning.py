@@ -188,11 +188,11 @@ def _lr_lambda(schedule: str, total_steps: int) -> Callable[[int], float]:
     return fn
 
 
-def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[Tensor]:
-    """Shuffled index batches; a trailing batch of one row joins the previous one."""
+def _batches(n: int, batch_size: int, generator: torch.Generator, min_rows: int = 2) -> list[Tensor]:
+    """Shuffled index batches; a trailing batch under ``min_rows`` rows joins the previous one."""
     perm = torch.randperm(n, generator=generator)
     chunks = list(perm.split(batch_size))
-    if len(chunks) > 1 and chunks[-1].numel() < 2:
+    if len(chunks) > 1 and chunks[-1].numel() < min_rows:
         chunks[-2] = torch.cat([chunks[-2], chunks.pop()])
     return chunks
 
@@ -380,7 +380,10 @@ def fit(
     criterion = NMTuneLoss(loss_cfg, task_loss=task_loss).to(device)
     lr, wd = config.resolved(method)
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=wd)
-    steps_per_epoch = len(_batches(n, config.batch_size, torch.Generator().manual_seed(0)))
+    # A trailing batch joins the previous one when it is too small for the statistics: under 2 rows,
+    # or under top_k rows when L_SVD needs that many singular values (every sample is still used).
+    min_rows = max(2, loss_cfg.top_k if loss_cfg.uses_spectrum and not loss_cfg.clamp_top_k else 2)
+    steps_per_epoch = len(_batches(n, config.batch_size, torch.Generator().manual_seed(0), min_rows))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config.schedule, config.epochs * steps_per_epoch))
     generator = torch.Generator().manual_seed(config.seed)
     history: list[dict[str, float]] = []
@@ -409,8 +412,8 @@ def fit(
 
         epochs = tqdm(epochs, total=config.epochs, initial=start_epoch, desc=f"fit[{method}]")
     for epoch in epochs:
-        means = _run_epoch(head, criterion, optimizer, scheduler, x, y, _batches(n, config.batch_size, generator),
-                           components=loss_cfg.lambda_ > 0)
+        batches = _batches(n, config.batch_size, generator, min_rows)
+        means = _run_epoch(head, criterion, optimizer, scheduler, x, y, batches, components=loss_cfg.lambda_ > 0)
         record = {"epoch": float(epoch + 1), "lr": float(scheduler.get_last_lr()[0]), **dict(zip(_HISTORY_TERMS, means))}
         history.append(record)
         if not math.isfinite(record["loss"]):

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from nmtune import NMTuneHead, NMTuneLoss, NMTuneRegularizer, TuningConfig, evaluate, extract_features, fit
+from nmtune import (
+    NMTuneConfig, NMTuneHead, NMTuneLoss, NMTuneRegularizer, TuningConfig, evaluate, extract_features, fit,
+)
 
 FAST = TuningConfig(epochs=2, batch_size=16)
 
@@ -128,3 +130,11 @@ def test_one_row_is_an_error_unless_skip_is_asked() -> None:
     assert float(parts.skipped) == 1.0 and float(parts.regularizer) == 0.0
     torch.testing.assert_close(parts.loss, torch.nn.functional.cross_entropy(logits, y))
     assert z.grad is not None and float(z.grad.abs().sum()) == 0.0  # z stays in the graph with a zero gradient
+
+
+def test_fit_with_top_k_keeps_every_sample_on_a_short_trailing_batch() -> None:
+    # 51 rows at batch 16 leave a trailing batch of 3 rows, fewer than top_k = 5 singular values:
+    # it joins the previous batch instead of raising (found by the top_k ablation).
+    x, y = _data(n=51)
+    res = fit(x, y, "nmtune", config=FAST, loss_config=NMTuneConfig(top_k=5))
+    assert len(res.history) == 2 and all(np.isfinite(h["loss"]) for h in res.history)
