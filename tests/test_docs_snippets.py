@@ -74,6 +74,17 @@ def _language(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]
             return type("Resp", (), {"data": [type("Item", (), {"embedding": r})() for r in rows]})()
 
     monkeypatch.syspath_prepend(str(ROOT / "examples"))
+    import _text_data
+
+    def hub_rows(path: str, config: str | None, split: str) -> list[dict]:  # the hub, offline: 24 rows
+        words = "the a cat dog sat ran on under mat rug red blue".split()
+        text = {c: " ".join(words[(i * 7 + j) % len(words)] for j in range(5)) for i, c in enumerate(
+            ("sentence", "sentence1", "sentence2", "question", "question1", "question2", "premise",
+             "hypothesis", "text", "sentence_A", "sentence_B"))}
+        return [{**{c: f"{s} {i}" for c, s in text.items()},
+                 "label": float(i % 5) if config == "stsb" else i % 2} for i in range(24)]
+
+    monkeypatch.setattr(_text_data, "_hub_rows", hub_rows)
     return {"client": type("Client", (), {"embeddings": _Embeddings()})()}
 
 
