@@ -11,16 +11,13 @@ benchmarks/bench_kernels.py --compile).
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from nmtune import NMTuneHead, NMTuneLoss, NMTuneRegularizer
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from _common import HostSyncCounter  # noqa: E402
+from nmtune.testing import HostSyncCounter
 
 BACKEND = "aot_eager"
 
