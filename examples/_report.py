@@ -394,7 +394,7 @@ def ablation_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
 # ----------------------------------------------------------------------------- plots
 
 
-def _plt():
+def pyplot():
     try:
         import matplotlib
 
@@ -405,10 +405,10 @@ def _plt():
     return plt
 
 
-def _save(fig, path: str | os.PathLike) -> str:
+def save_figure(fig, path: str | os.PathLike) -> str:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    _plt().close(fig)
+    pyplot().close(fig)
     return str(path)
 
 
@@ -419,7 +419,7 @@ def plot_forest(claims: Sequence[Mapping[str, Any]], path: str | os.PathLike, *,
     Example:
         >>> plot_forest(claims, "forest.png")  # doctest: +SKIP
     """
-    plt = _plt()
+    plt = pyplot()
     units = list(dict.fromkeys(c["unit"] for c in claims))
     heights = [sum(c["unit"] == u for c in claims) for u in units]
     fig, axes = plt.subplots(len(units), 1, figsize=(10, 0.5 * sum(heights) + 1.4 * len(units)),
@@ -440,7 +440,7 @@ def plot_forest(claims: Sequence[Mapping[str, Any]], path: str | os.PathLike, *,
         ax.grid(alpha=0.3, axis="x")
     if title:
         axes[0, 0].set_title(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_ablation(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, *, title: str = "") -> str:
@@ -450,7 +450,7 @@ def plot_ablation(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, *,
     Example:
         >>> plot_ablation(ablation_table(records, "terms"), "terms.png")  # doctest: +SKIP
     """
-    plt = _plt()
+    plt = pyplot()
     kinds = list(dict.fromkeys(r["kind"] for r in rows))
     fig, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds), 3.6), squeeze=False)
     for ax, kind in zip(axes[0], kinds):
@@ -479,7 +479,7 @@ def plot_ablation(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, *,
         ax.legend(fontsize=7)
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_noise_curves(
@@ -491,7 +491,7 @@ def plot_noise_curves(
     Example:
         >>> plot_noise_curves({1.0: summarize_records(records)}, "fig2.png")  # doctest: +SKIP
     """
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     for ax, kind in zip(axes, ("id", "ood")):
         for frac, summ in sorted(summaries_by_fraction.items()):
@@ -508,7 +508,7 @@ def plot_noise_curves(
         ax.set_title(f"{kind.upper()} ({method.upper()})")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_spectral_metrics(
@@ -521,7 +521,7 @@ def plot_spectral_metrics(
         >>> plot_spectral_metrics({0.0: {"id_sve": 3.6, "ood_lsvr": 1.6},
         ...                        0.1: {"id_sve": 3.9, "ood_lsvr": 1.9}}, "fig3.png")  # doctest: +SKIP
     """
-    plt = _plt()
+    plt = pyplot()
     gs = sorted(backbone)
     has_points = all("id_points" in backbone[g] for g in gs)
     fig, axes = plt.subplots(1, 4 if has_points else 2, figsize=(15 if has_points else 8, 3.5))
@@ -541,7 +541,7 @@ def plot_spectral_metrics(
             ax.set_ylabel("LP accuracy (%)")
             ax.legend(fontsize=7, title="noise")
             ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_method_comparison(summary: Mapping[str, Any], path: str | os.PathLike,
@@ -551,7 +551,7 @@ def plot_method_comparison(summary: Mapping[str, Any], path: str | os.PathLike,
     Example:
         >>> plot_method_comparison(summarize_records(records), "fig5.png")  # doctest: +SKIP
     """
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
     panels = (("id", "macro_f1", "avg ID macro-F1 (%)"), ("id", "sve", "ID SVE"),
               ("ood", "macro_f1", "avg OOD macro-F1 (%)"), ("ood", "lsvr", "OOD LSVR"))
@@ -568,7 +568,7 @@ def plot_method_comparison(summary: Mapping[str, Any], path: str | os.PathLike,
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_spectra(spectra: Mapping[str, Sequence[float]], path: str | os.PathLike, *, title: str = "") -> str:
@@ -577,7 +577,7 @@ def plot_spectra(spectra: Mapping[str, Sequence[float]], path: str | os.PathLike
     Example:
         >>> plot_spectra({"clean": [3.0, 2.0, 1.0]}, "s.png")  # doctest: +SKIP
     """
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for name, s in spectra.items():
         t = np.asarray(list(s), dtype=np.float64)
@@ -588,7 +588,7 @@ def plot_spectra(spectra: Mapping[str, Sequence[float]], path: str | os.PathLike
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------- the report file

@@ -44,11 +44,12 @@ sys.path.insert(0, str(HERE))
 
 import _clip_data as cd  # noqa: E402
 import _vision_data as vd  # noqa: E402
-from _common import atomic_save  # noqa: E402
+import _report as rp  # noqa: E402
+from _common import atomic_save, mean_std  # noqa: E402
 import evaluate as ev  # noqa: E402
 import pretrain_clip as pc  # noqa: E402
 
-from nmtune import analysis, evaluate, extract_features  # noqa: E402
+from nmtune import evaluate, extract_features  # noqa: E402
 
 __all__ = ["run_regime", "evaluate_checkpoint", "clip_task_features", "zeroshot_records", "task_classes",
            "results_markdown", "main"]
@@ -165,7 +166,7 @@ def _backbone_by_gamma(evals: dict[tuple[float, int], dict[str, Any]], records: 
         for key in ("id_sve", "ood_lsvr"):
             vals = [b[key] for b in per.values() if key in b]
             if vals:
-                entry[key], entry[f"{key}_std"] = analysis.mean_std(vals)
+                entry[key], entry[f"{key}_std"] = mean_std(vals)
         names = next(iter(per.values()))["per_test_set"]
         entry["per_test_set"] = {n: {m: sum(b["per_test_set"][n][m] for b in per.values()) / len(per)
                                      for m in names[n]} for n in names}
@@ -301,24 +302,18 @@ def run_regime(
     return result
 
 
-def _unit_records(records: Sequence[dict]) -> list[dict]:
-    """Records whose ``seed`` is the (pre-training seed, tuning seed) pair, so that
-    ``analysis.summarize_records``' std runs over every pre-trained x tuned model."""
-    return [{**r, "seed": (r.get("pretrain_seed", 0), r["seed"])} for r in records]
-
-
 def _figures(fig_dir: pathlib.Path, records, backbone, curves) -> list[str]:
     fig_dir.mkdir(parents=True, exist_ok=True)
-    summary = analysis.summarize_records(_unit_records(records))
-    paths = [analysis.plot_method_comparison(summary, fig_dir / "methods.png", methods=METHODS),
-             analysis.plot_spectral_metrics(backbone, fig_dir / "sve_lsvr.png"),
+    summary = rp.summarize_records(records)  # std over every pre-trained x tuned model
+    paths = [rp.plot_method_comparison(summary, fig_dir / "methods.png", methods=METHODS),
+             rp.plot_spectral_metrics(backbone, fig_dir / "sve_lsvr.png"),
              _plot_noise_accuracy(summary, fig_dir / "noise_vs_accuracy.png"),
              _plot_curves(curves, fig_dir / "pretrain_curves.png")]
     return [str(p) for p in paths]
 
 
 def _plot_noise_accuracy(summary, path: pathlib.Path) -> str:
-    plt = analysis._plt()
+    plt = rp.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     for ax, kind in zip(axes, ("id", "ood")):
         for m in METHODS:
@@ -332,11 +327,11 @@ def _plot_noise_accuracy(summary, path: pathlib.Path) -> str:
         ax.set_title(f"CLIP, {kind.upper()}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    return analysis._save(fig, path)
+    return rp.save_figure(fig, path)
 
 
 def _plot_curves(curves, path: pathlib.Path) -> str:
-    plt = analysis._plt()
+    plt = rp.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     gammas = sorted({c["gamma"] for c in curves.values()})
     cmap = plt.get_cmap("viridis")
@@ -354,13 +349,13 @@ def _plot_curves(curves, path: pathlib.Path) -> str:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, title="swapped")
-    return analysis._save(fig, path)
+    return rp.save_figure(fig, path)
 
 
 def results_markdown(records, backbone, curves, timing) -> str:
     """Tables: ID/OOD accuracy and macro-F1 by gamma and method (mean ± std over pre-training
     x tuning seeds), SVE/LSVR of the frozen features by gamma, pre-training summary."""
-    summary = analysis.summarize_records(_unit_records(records))
+    summary = rp.summarize_records(records)  # std over every pre-trained x tuned model
     gammas = sorted({float(r["gamma"]) for r in records})
     lines = ["## Downstream accuracy (mean ± std over pre-training x tuning seeds; zero-shot: over "
              "pre-training seeds)", "", "| swapped | method | ID acc | ID F1 | OOD acc | OOD F1 |",

@@ -124,6 +124,8 @@ def test_snippets_run(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
             raise AssertionError(f"{path.name} python block {index} ({first!r}) failed: {exc!r}") from exc
         if isinstance(namespace.get("loss"), torch.Tensor):
             assert torch.isfinite(namespace["loss"]).all(), f"{path.name} block {index}: non-finite loss"
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # a snippet's process group must not outlive it
     for name in set(sys.modules) - modules:  # examples/ modules imported by a snippet stay local to it
         origin = getattr(sys.modules[name], "__file__", None) or ""
         if origin.startswith(str(ROOT / "examples")):
