@@ -12,60 +12,14 @@ from torch import Tensor, nn
 from nmtune._validation import check_bool
 from nmtune.lora._utils import check_lora_config, import_peft, place_like, unwrap_model
 from nmtune.lora.adapters import adapter_for
+from nmtune.lora._state import (  # noqa: F401  (save_model, load_adapter_state re-exported)
+    FORMAT_VERSION, META_FILE, load_adapter_state, load_head_state, save_model,
+)
 from nmtune.lora.model import NMTuneLoraModel
 
 __all__ = ["load_lora", "save_model", "load_adapter_state"]
 
-HEAD_FILE = "nmtune_head.safetensors"
-META_FILE = "nmtune_lora.json"
-FORMAT_VERSION = 1
 _META_KEYS = ("family", "num_classes", "feature_dim", "head", "nmtune_config")
-
-
-def save_model(model: NMTuneLoraModel, save_directory: str | os.PathLike, **kwargs: Any) -> None:
-    """Write ``model``'s adapter, head and record to ``save_directory`` (see ``NMTuneLoraModel.save_pretrained``)."""
-    from safetensors.torch import save_file
-
-    os.makedirs(save_directory, exist_ok=True)
-    model.peft_model.save_pretrained(str(save_directory), **kwargs)
-    if model.head is not None:
-        state = {k: v.detach().contiguous().cpu() for k, v in model.head.state_dict().items()}
-        save_file(state, os.path.join(save_directory, HEAD_FILE), metadata={"format": "pt"})
-    meta = {
-        **model.metadata,
-        "format_version": FORMAT_VERSION,
-        "pooling": model.pooling if isinstance(model.pooling, str) else "custom",
-        "compute_reference": model.compute_reference,
-        "reference_eval": model.reference_eval,
-        "freeze_batchnorm": model.freeze_batchnorm,
-        "has_head": model.head is not None,
-    }
-    with open(os.path.join(save_directory, META_FILE), "w", encoding="utf-8") as fh:
-        json.dump(meta, fh, indent=2, sort_keys=True)
-
-
-def _load_head_state(directory: str | os.PathLike, device: Any) -> dict[str, Tensor]:
-    from safetensors.torch import load_file
-
-    path = os.path.join(directory, HEAD_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no {HEAD_FILE} in {directory}; was it saved with NMTuneLoraModel.save_pretrained?")
-    return load_file(path, device=str(device))
-
-
-def load_adapter_state(model: NMTuneLoraModel, directory: str | os.PathLike) -> None:
-    """Load saved adapter and head weights into ``model`` in place (used to resume training)."""
-    from peft.utils import load_peft_weights, set_peft_model_state_dict
-
-    device = next(model.parameters()).device
-    weights = load_peft_weights(str(directory), device=str(device))
-    result = set_peft_model_state_dict(model.peft_model, weights)
-    unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
-    if unexpected:
-        raise ValueError(f"adapter weights in {directory} do not fit this model: {unexpected[:3]}...")
-    if model.head is not None:
-        model.head.load_state_dict(_load_head_state(directory, device))
-
 
 def _read_meta(path: str | os.PathLike) -> dict[str, Any]:
     meta_path = os.path.join(path, META_FILE)
@@ -86,7 +40,7 @@ def _head_for(meta: dict[str, Any], head: nn.Module | None, base: nn.Module, pat
             raise ValueError("the model was saved with a custom head; pass head=<module of the same shape>")
         head = nn.Linear(int(meta["feature_dim"]), int(meta["num_classes"]))
     head = place_like(head, base)  # the model's device and dtype, as wrap_lora places a new head
-    head.load_state_dict(_load_head_state(path, next(head.parameters()).device))
+    head.load_state_dict(load_head_state(path, next(head.parameters()).device))
     return head.requires_grad_(trainable)
 
 

@@ -289,12 +289,12 @@ class NMTuneLoraModel(nn.Module):
             >>> model.save_pretrained("runs/lora")             # doctest: +SKIP
             >>> again = load_lora(fresh_base_model, "runs/lora")  # doctest: +SKIP
         """
-        from nmtune.lora.io import save_model
+        from nmtune.lora._state import save_model
 
         save_model(self, save_directory, **kwargs)
 
     def load_adapter_state(self, directory: str | os.PathLike) -> None:
         """Load saved adapter and head weights into this model (used to resume training)."""
-        from nmtune.lora.io import load_adapter_state
+        from nmtune.lora._state import load_adapter_state
 
         load_adapter_state(self, directory)
