@@ -42,6 +42,7 @@ import argparse
 import dataclasses
 import importlib.util
 import json
+import os
 import pathlib
 import shlex
 import shutil
@@ -120,6 +121,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: the small eigen-solves of the tuning stage run slower with "
                         "more threads, and a shared machine oversubscribes; 0 keeps torch's default)")
+    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                   help="processes for the (noise ratio, pre-training seed) cells (default: 2, or 1 on one core); "
+                        "results do not depend on it")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -201,22 +205,47 @@ def _pretrain_one(a, s, data, pdir: pathlib.Path, gamma: float, seed: int, log, 
     return m
 
 
-def _run_supervised(a, s, out: pathlib.Path, data, tasks, clock: _Clock, log) -> dict[str, Any]:
+def _cell(a, s, out: pathlib.Path, data, tasks, gamma: float, seed: int, log=None) -> tuple[Any, Any]:
+    """Pre-train one model (noise ``gamma``, seed ``seed``) and evaluate it; both resumable."""
+    if a.threads:  # a worker process starts with torch's default thread count
+        torch.set_num_threads(a.threads)
+    log = log or (lambda msg: None)
+    sub = pathlib.Path(_tag(gamma)) / f"s{seed}"
+    pre = _pretrain_one(a, s, data, out / "pretrain" / sub, gamma, seed, log)
+    res = ev.run_evaluation(
+        out / "pretrain" / sub / "model.pt", tasks, out / "eval" / sub, gamma=gamma, tuning=_tuning(a, s),
+        lora=a.lora, feature_cache=out / "features" / sub, workers=a.workers, pretrain_seed=seed)
+    return pre, res
+
+
+def _run_cells(a, s, out: pathlib.Path, data, tasks, clock: _Clock, log) -> tuple[dict, dict]:
+    """Every (noise ratio, pre-training seed) cell, in ``--jobs`` processes. Each cell is seeded on
+    its own, so the results do not depend on the number of processes or their order."""
     pre: dict[float, dict[int, Any]] = {}
     evals: dict[float, dict[int, Any]] = {}
-    for gamma in s["gammas"]:
-        for seed in s["pretrain_seeds"]:
-            sub = pathlib.Path(_tag(gamma)) / f"s{seed}"
-            t0, c0 = time.time(), cpu_seconds()
-            pre.setdefault(gamma, {})[seed] = _pretrain_one(a, s, data, out / "pretrain" / sub, gamma, seed, log)
-            clock.stage("pretrain", t0, c0)
-            t0, c0 = time.time(), cpu_seconds()
-            evals.setdefault(gamma, {})[seed] = ev.run_evaluation(
-                out / "pretrain" / sub / "model.pt", tasks, out / "eval" / sub, gamma=gamma, tuning=_tuning(a, s),
-                lora=a.lora, feature_cache=out / "features" / sub, workers=a.workers, pretrain_seed=seed)
-            clock.stage("evaluate", t0, c0)
-            log(f"evaluate gamma={gamma:g} seed={seed}: {len(evals[gamma][seed]['records'])} records "
-                f"({time.time() - t0:.0f} s)")
+    cells = [(g, p) for g in s["gammas"] for p in s["pretrain_seeds"]]
+    t0, c0 = time.time(), cpu_seconds()
+    if a.jobs > 1 and len(cells) > 1:
+        import concurrent.futures as cf
+        import multiprocessing as mp
+
+        with cf.ProcessPoolExecutor(max_workers=a.jobs, mp_context=mp.get_context("spawn")) as pool:
+            futures = {pool.submit(_cell, a, s, out, data, tasks, g, p): (g, p) for g, p in cells}
+            for fut in cf.as_completed(futures):
+                (g, p), (pr, res) = futures[fut], fut.result()
+                pre.setdefault(g, {})[p], evals.setdefault(g, {})[p] = pr, res
+                log(f"gamma={g:g} seed={p}: {len(res['records'])} records ({time.time() - t0:.0f} s)")
+    else:
+        for g, p in cells:
+            pre.setdefault(g, {})[p], evals.setdefault(g, {})[p] = _cell(a, s, out, data, tasks, g, p, log)
+            log(f"gamma={g:g} seed={p}: {len(evals[g][p]['records'])} records ({time.time() - t0:.0f} s)")
+    clock.stage("pretrain+evaluate", t0, c0)  # CPU time includes the worker processes
+    return ({g: dict(sorted(pre[g].items())) for g in sorted(pre)},
+            {g: dict(sorted(evals[g].items())) for g in sorted(evals)})
+
+
+def _run_supervised(a, s, out: pathlib.Path, data, tasks, clock: _Clock, log) -> dict[str, Any]:
+    pre, evals = _run_cells(a, s, out, data, tasks, clock, log)
     records = [r for g in sorted(evals) for p in sorted(evals[g]) for r in evals[g][p]["records"]]
     abl: list[dict[str, Any]] = []
     for name in s["ablations"]:
