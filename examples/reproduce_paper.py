@@ -380,6 +380,29 @@ def _by_gamma_seed(obj: Any, leaf: Callable[[Any], bool]) -> dict[float, dict[in
     return out
 
 
+def _contrastive_pretrain(curves: Any) -> dict[float, dict[int, Any]]:
+    """``{gamma: {pretrain_seed: record}}`` from ``run_regime``'s ``pretrain``: one curve per run, keyed
+    by run tag, each naming its ``gamma`` and ``pretrain_seed`` with the per-epoch zero-shot accuracy on
+    the clean validation split (``zeroshot_val``); other layouts go through ``_by_gamma_seed``."""
+    runs = list((curves or {}).values())
+    if runs and all(isinstance(c, dict) and {"gamma", "pretrain_seed"} <= set(c) for c in runs):
+        out: dict[float, dict[int, Any]] = {}
+        for c in runs:
+            out.setdefault(float(c["gamma"]), {})[int(c["pretrain_seed"])] = {"zeroshot_accuracy": c.get("zeroshot_val")}
+        return out
+    return _by_gamma_seed(curves, lambda v: _final_accuracy(v) is not None)
+
+
+def _contrastive_backbone(backbone: Any) -> dict[float, dict[int, Any]]:
+    """``{gamma: {pretrain_seed: {"id_sve", "ood_lsvr", ...}}}``: per pre-training seed when
+    ``run_regime`` gives ``per_pretrain_seed`` (so the trend claims get their interval), else the mean."""
+    out: dict[float, dict[int, Any]] = {}
+    for g, v in (backbone or {}).items():
+        if isinstance(v, dict) and isinstance(v.get("per_pretrain_seed"), dict):
+            out[float(g)] = {int(p): b for p, b in v["per_pretrain_seed"].items()}
+    return out or _by_gamma_seed(backbone, lambda v: "id_sve" in v if isinstance(v, dict) else False)
+
+
 def _run_contrastive(a, s, out: pathlib.Path, clock: _Clock, log) -> dict[str, Any]:
     try:
         import contrastive
@@ -391,10 +414,9 @@ def _run_contrastive(a, s, out: pathlib.Path, clock: _Clock, log) -> dict[str, A
                                  settings=_tuning(a, s))
     clock.stage("contrastive", t0, c0)
     log(f"contrastive: {len(res['records'])} records ({time.time() - t0:.0f} s)")
-    pre = _by_gamma_seed(res.get("pretrain"), lambda v: _final_accuracy(v) is not None)
+    pre = _contrastive_pretrain(res.get("pretrain"))
     return {"regime": "contrastive", "records": [dict(r, regime="contrastive") for r in res["records"]],
-            "ablation_records": [], "backbone": _by_gamma_seed(res.get("backbone"), lambda v: "id_sve" in v
-                                                               if isinstance(v, dict) else False),
+            "ablation_records": [], "backbone": _contrastive_backbone(res.get("backbone")),
             "pretrain_accuracy": {g: {p: _final_accuracy(v) for p, v in by.items()} for g, by in pre.items()},
             "pretrain": res.get("pretrain"), "figures": [str(f) for f in res.get("figures", [])], "spectra": {}}
 
