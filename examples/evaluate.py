@@ -257,7 +257,7 @@ def _lora_records(backbone_path: str, tasks: Sequence[vd.ImageTask], gamma: floa
                 # is needed at all (no adapter-disabled forward, nothing to cache). A ragged last batch
                 # of one row trains on its task loss (small_batch="skip").
                 wrapped = wrap_lora(model, r=8, num_classes=task.num_classes, compute_reference=False)
-                reg = NMTuneRegularizer("official", mse_weight=0.0, small_batch="skip") if method == "lora+nmtune" \
+                reg = NMTuneRegularizer("official", consistency_weight=0.0, small_batch="skip") if method == "lora+nmtune" \
                     else None
                 params = [p for p in wrapped.parameters() if p.requires_grad]
                 opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-4)

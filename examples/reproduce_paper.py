@@ -258,9 +258,15 @@ def _run_supervised(a, s, out: pathlib.Path, data, tasks, clock: _Clock, log) ->
             "pretrain": pre, "spectra": {g: by[min(by)]["spectra"] for g, by in evals.items()}}
 
 
-_TERM_VARIANTS = {"full (paper)": {}, "-MSE": {"mse_weight": 0.0}, "-COV": {"cov_weight": 0.0},
-                  "-SVD": {"svd_weight": 0.0}, "MSE only": {"cov_weight": 0.0, "svd_weight": 0.0},
-                  "COV only": {"mse_weight": 0.0, "svd_weight": 0.0}, "SVD only": {"mse_weight": 0.0, "cov_weight": 0.0}}
+_TERM_VARIANTS = {
+    "full (paper)": {},
+    "-MSE": {"consistency_weight": 0.0},
+    "-COV": {"covariance_weight": 0.0},
+    "-SVD": {"singular_value_weight": 0.0},
+    "MSE only": {"covariance_weight": 0.0, "singular_value_weight": 0.0},
+    "COV only": {"consistency_weight": 0.0, "singular_value_weight": 0.0},
+    "SVD only": {"consistency_weight": 0.0, "covariance_weight": 0.0},
+}
 
 
 def _ablation_plan(name: str, a, s) -> list[tuple[str, dict[str, Any]]]:

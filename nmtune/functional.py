@@ -12,7 +12,7 @@ The terms follow Section 3.1 of the paper (Chen et al., ICLR 2024):
 
 * :func:`consistency_loss` -- ``|| F/||F|| - Z/||Z|| ||^2`` per sample;
 * :func:`covariance_loss` -- ``(1/D) sum_{i != j} C(Z)_ij^2``;
-* :func:`singular_value_ratio_loss` -- ``-sigma_1 / sum_j sigma_j`` of ``Z``
+* :func:`singular_value_loss` -- ``-sigma_1 / sum_j sigma_j`` of ``Z``
   (``top_k > 1``: the mean of the top-``k`` normalised singular values, as in
   the authors' released code);
 
@@ -25,7 +25,9 @@ Validation happens here, once, at the public entry points; the
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import functools
+import warnings
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -37,13 +39,13 @@ __all__ = [
     "consistency_loss",
     "covariance_loss",
     "singular_values",
-    "singular_value_ratio_loss",
+    "singular_value_loss",
     "singular_value_entropy",
     "largest_singular_value_ratio",
     "effective_rank",
     "spectrum_metrics",
-    "ratio_from_singular_values",
-    "entropy_from_singular_values",
+    "singular_value_loss_from_singular_values",
+    "sve_from_singular_values",
     "lsvr_from_singular_values",
 ]
 
@@ -148,7 +150,7 @@ def _normalised_spectrum(sigma: Tensor) -> Tensor:
     return torch.where(nonzero, sigma / torch.where(nonzero, total, 1.0), e1)
 
 
-def ratio_from_singular_values(sigma: Tensor, top_k: int = 1) -> Tensor:
+def singular_value_loss_from_singular_values(sigma: Tensor, top_k: int = 1) -> Tensor:
     """``-(1/k) sum_{i<=k} sigma_i / sum_j sigma_j`` from descending ``sigma``.
 
     ``k = min(top_k, len(sigma))``: with fewer singular values than ``top_k``
@@ -160,7 +162,7 @@ def ratio_from_singular_values(sigma: Tensor, top_k: int = 1) -> Tensor:
     return -p[..., :k].sum(dim=-1) / k
 
 
-def entropy_from_singular_values(sigma: Tensor) -> Tensor:
+def sve_from_singular_values(sigma: Tensor) -> Tensor:
     """Singular value entropy ``-sum_i p_i log p_i`` (``0 log 0 = 0``)."""
     p = _normalised_spectrum(sigma)
     positive = p > 0
@@ -182,7 +184,7 @@ def spectrum_metrics(sigma: Tensor) -> dict[str, Tensor]:
     Returns:
         ``{"sve": ..., "lsvr": ..., "effective_rank": ...}``, each ``(...)``.
     """
-    sve = entropy_from_singular_values(sigma)
+    sve = sve_from_singular_values(sigma)
     return {"sve": sve, "lsvr": lsvr_from_singular_values(sigma), "effective_rank": sve.exp()}
 
 
@@ -316,7 +318,7 @@ def singular_values(
     return stats.singular_values.to(_kernels.result_dtype(z.dtype))  # type: ignore[union-attr]
 
 
-def singular_value_ratio_loss(
+def singular_value_loss(
     z: Tensor, top_k: int = 1, *, precision: str = "float64", check_finite: bool = True
 ) -> Tensor:
     """Dominant singular value term ``-(1/k) sum_{i<=k} sigma_i / sum_j sigma_j``.
@@ -331,7 +333,7 @@ def singular_value_ratio_loss(
         check_finite: Raise on NaN/Inf inputs (one host sync).
 
     Example:
-        >>> float(singular_value_ratio_loss(torch.ones(4, 3)))  # rank one
+        >>> float(singular_value_loss(torch.ones(4, 3)))  # rank one
         -1.0
     """
     validate_features(z)
@@ -344,33 +346,30 @@ def singular_value_ratio_loss(
 
 
 def singular_value_entropy(
-    z: Tensor,
-    *,
-    precision: str = "float64",
-    normalize_rows: bool = False,
-    check_finite: bool = True,
+    z: Tensor, *, precision: str = "float64", normalize_rows: bool = False, check_finite: bool = True
 ) -> Tensor:
     """Singular value entropy (SVE) ``-sum_i p_i log p_i``, ``p = sigma / sum sigma``.
 
     Lies in ``[0, log min(M, D)]``; higher means the features span more
-    directions (the paper's signature of pre-training noise).
+    directions (the paper's signature of pre-training noise). The keywords
+    are :func:`singular_values`'.
 
     Example:
         >>> round(float(singular_value_entropy(torch.eye(4))), 4)  # log 4
         1.3863
     """
     sigma = singular_values(z, precision=precision, normalize_rows=normalize_rows, check_finite=check_finite)
-    return entropy_from_singular_values(sigma)
+    return sve_from_singular_values(sigma)
 
 
 def largest_singular_value_ratio(
-    z: Tensor,
-    *,
-    precision: str = "float64",
-    normalize_rows: bool = False,
-    check_finite: bool = True,
+    z: Tensor, *, precision: str = "float64", normalize_rows: bool = False, check_finite: bool = True
 ) -> Tensor:
-    """Largest singular value ratio (LSVR) ``-log(sigma_1 / sum_j sigma_j) >= 0``.
+    """Largest singular value ratio (LSVR) ``-log(sigma_1 / sum_j sigma_j)``.
+
+    Zero for a rank-one matrix, ``log min(M, D)`` for a flat spectrum: higher
+    means a weaker dominant direction (the other signature of pre-training
+    noise in the paper). The keywords are :func:`singular_values`'.
 
     Example:
         >>> float(largest_singular_value_ratio(torch.ones(4, 3)))
@@ -381,13 +380,11 @@ def largest_singular_value_ratio(
 
 
 def effective_rank(
-    z: Tensor,
-    *,
-    precision: str = "float64",
-    normalize_rows: bool = False,
-    check_finite: bool = True,
+    z: Tensor, *, precision: str = "float64", normalize_rows: bool = False, check_finite: bool = True
 ) -> Tensor:
     """Effective rank ``exp(SVE)`` (Roy & Vetterli), in ``[1, min(M, D)]``.
+
+    The keywords are :func:`singular_values`'.
 
     Example:
         >>> round(float(effective_rank(torch.eye(4))), 4)
@@ -424,14 +421,14 @@ def nmtune_terms(
     singular_value: bool = True,
     metrics: bool = False,
     top_k: int = 1,
-    mode: str = "sample",
+    consistency_mode: str = "sample",
     precision: str = "float64",
     statistics_of: Tensor | None = None,
 ) -> Terms:
     """Every NMTune term and metric from one Gram product and one eigendecomposition.
 
     The one place that turns statistics into terms: :func:`covariance_loss`,
-    :func:`singular_value_ratio_loss`, :class:`~nmtune.NMTuneRegularizer` and
+    :func:`singular_value_loss`, :class:`~nmtune.NMTuneRegularizer` and
     :func:`~nmtune.evaluate` all come here. Inputs are not validated (the public
     entry points do that once); results are in the compute dtype.
 
@@ -445,7 +442,7 @@ def nmtune_terms(
             only when ``singular_value`` is off.
         top_k: Leading singular values in ``L_SVD`` (the mean runs over at most
             as many as exist).
-        mode: Consistency reduction over features, ``"sample"`` or ``"element"``.
+        consistency_mode: Consistency reduction over features, ``"sample"`` or ``"element"``.
         precision: Spectrum/Gram precision.
         statistics_of: Rows whose covariance and spectrum are taken (the
             gathered global batch under DDP); defaults to ``z``.
@@ -456,7 +453,7 @@ def nmtune_terms(
         ['consistency', 'covariance', 'singular_value', 'sve', 'lsvr']
     """
     zs = z if statistics_of is None else statistics_of
-    mse = _consistency(z, f, mode) if f is not None else None
+    mse = _consistency(z, f, consistency_mode) if f is not None else None
     cov = svd = sigma = None
     if covariance or singular_value:
         stats = _kernels.spectral_stats(zs, precision=precision, singular_values=singular_value, covariance=covariance)
@@ -464,12 +461,32 @@ def nmtune_terms(
         if covariance:
             cov = stats.offdiag_energy / zs.shape[-1]  # type: ignore[operator]
         if singular_value:
-            svd = ratio_from_singular_values(sigma, top_k)  # type: ignore[arg-type]
+            svd = singular_value_loss_from_singular_values(sigma, top_k)  # type: ignore[arg-type]
     sve = lsvr = None
     if metrics:
         with torch.no_grad():
             if sigma is None:
                 sigma = _kernels.spectral_stats(zs.detach(), precision=precision, covariance=False).singular_values
-            sve = entropy_from_singular_values(sigma.detach())  # type: ignore[union-attr]
+            sve = sve_from_singular_values(sigma.detach())  # type: ignore[union-attr]
             lsvr = lsvr_from_singular_values(sigma.detach())  # type: ignore[union-attr]
     return Terms(mse, cov, svd, sve, lsvr)
+
+
+# ----------------------------------------------------------------------------
+# the 0.1 names (until 0.3)
+
+
+def _renamed(new: Callable[..., Tensor], old: str) -> Callable[..., Tensor]:
+    @functools.wraps(new)
+    def alias(*args: Any, **kwargs: Any) -> Tensor:
+        warnings.warn(f"nmtune.functional.{old} is renamed {new.__name__}; the old name works until nmtune 0.3",
+                      DeprecationWarning, stacklevel=2)
+        return new(*args, **kwargs)
+
+    alias.__name__ = alias.__qualname__ = old
+    return alias
+
+
+singular_value_ratio_loss = _renamed(singular_value_loss, "singular_value_ratio_loss")
+ratio_from_singular_values = _renamed(singular_value_loss_from_singular_values, "ratio_from_singular_values")
+entropy_from_singular_values = _renamed(sve_from_singular_values, "entropy_from_singular_values")

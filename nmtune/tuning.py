@@ -26,7 +26,8 @@ from torch import Tensor, nn
 from nmtune import functional as NF
 from nmtune._validation import check_int, check_real
 from nmtune.head import HEAD_PRESETS, NMTuneHead
-from nmtune.loss import NMTuneConfig, NMTuneLoss
+from nmtune.config import NMTuneConfig, resolve_config
+from nmtune.loss import NMTuneLoss
 
 __all__ = ["TuningConfig", "FitResult", "fit", "evaluate", "extract_features", "METHODS"]
 
@@ -344,10 +345,43 @@ def fit(
         True
     """
     _check_method(method)
+    features, labels, n_classes = _fit_inputs(features, labels, num_classes, task_loss, dtype)
+    config = config if config is not None else TuningConfig()
+    if not isinstance(config, TuningConfig):
+        raise TypeError(f"config must be a TuningConfig or None; got {type(config).__name__}")
+    device = torch.device(device) if device is not None else features.device
+    loss_cfg = _fit_loss_config(method, loss_config)
+
+    torch.manual_seed(config.seed)
+    d = features.shape[1]
+    if head is None:  # a new head trains in ``dtype``; a user's head keeps its own
+        head = _prepare_head(None, method, config, d, n_classes).to(dtype or features.dtype)
+    run = _Run.start(_prepare_head(head, method, config, d, n_classes).to(device), method, config, loss_cfg,
+                     len(features))
+    ckpt = None
+    if checkpoint_dir is not None:
+        task_name = None if task_loss is None else getattr(task_loss, "__qualname__", type(task_loss).__name__)
+        ckpt = _Checkpoint(checkpoint_dir, method, dict(
+            method=method, config=config.to_dict(), loss_config=loss_cfg.to_dict(), num_classes=n_classes,
+            features=_fingerprint(features), labels=_fingerprint(labels), task_loss=task_name,
+            dtype=str(run.dtype)))
+        state = ckpt.load(device)
+        if state is not None:
+            run.load_state_dict(state)
+    criterion = NMTuneLoss(loss_cfg, task_loss=task_loss).to(device)
+    run.train(criterion, features.to(device, run.dtype), labels.to(device), ckpt, progress)
+    run.head.eval()
+    return FitResult(head=run.head, history=run.history, method=method, loss_config=loss_cfg)
+
+
+def _fit_inputs(
+    features: Any, labels: Any, num_classes: int | None, task_loss: Callable | None, dtype: torch.dtype | None
+) -> tuple[Tensor, Tensor, int]:
+    """Checked ``features (N, D)``, labels or targets ``(N, ...)`` and the head's output width."""
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating torch.dtype or None; got {dtype!r}")
     features = _check_features(features)
-    n, d = features.shape
+    n = features.shape[0]
     if n < 2:
         raise ValueError(f"features needs at least 2 rows to train; got shape {tuple(features.shape)}")
     if task_loss is not None:
@@ -356,78 +390,86 @@ def fit(
         labels = _check_targets(labels, n)
     else:
         labels = _check_labels(labels, n)
-    config = config or TuningConfig()
-    if not isinstance(config, TuningConfig):
-        raise TypeError(f"config must be a TuningConfig or None; got {type(config).__name__}")
     n_classes = check_int("num_classes", num_classes if num_classes is not None else int(labels.max()) + 1, minimum=1)
     if task_loss is None:
         _check_labels(labels, n, num_classes=n_classes)
     NF.validate_finite(features, "features", hint="Clean or impute them before tuning.")
-    device = torch.device(device) if device is not None else features.device
+    return features, labels, n_classes
 
-    if method == "nmtune":
-        loss_cfg = loss_config if isinstance(loss_config, NMTuneConfig) else NMTuneConfig.from_preset(loss_config or "paper")
-    else:
-        loss_cfg = NMTuneConfig.from_preset("none")
-    # Features were checked once above; per-step checks would sync every batch.
-    loss_cfg = loss_cfg.replace(check_finite=False, small_batch="skip")
 
-    torch.manual_seed(config.seed)
-    if head is None:  # a new head trains in ``dtype``; a user's head keeps its own
-        head = _prepare_head(None, method, config, d, n_classes).to(dtype or features.dtype)
-    head = _prepare_head(head, method, config, d, n_classes).to(device)
-    train_dtype = next(head.parameters()).dtype
-    criterion = NMTuneLoss(loss_cfg, task_loss=task_loss).to(device)
-    lr, wd = config.resolved(method)
-    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=wd)
-    # A trailing batch joins the previous one when it is too small for the statistics: under 2 rows,
-    # or under top_k rows when L_SVD needs that many singular values (every sample is still used).
-    min_rows = max(2, loss_cfg.top_k if loss_cfg.uses_spectrum and not loss_cfg.clamp_top_k else 2)
-    steps_per_epoch = len(_batches(n, config.batch_size, torch.Generator().manual_seed(0), min_rows))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config.schedule, config.epochs * steps_per_epoch))
-    generator = torch.Generator().manual_seed(config.seed)
-    history: list[dict[str, float]] = []
-    start_epoch = 0
+def _fit_loss_config(method: str, loss_config: NMTuneConfig | str | None) -> NMTuneConfig:
+    """The regularizer config ``method`` trains with (``"none"`` for the baselines)."""
+    cfg = resolve_config(loss_config, {}, name="loss_config") if method == "nmtune" else NMTuneConfig.from_preset("none")
+    # Features are checked once in fit; per-step checks would sync every batch.
+    return cfg.replace(check_finite=False, small_batch="skip")
 
-    ckpt = None
-    if checkpoint_dir is not None:
-        task_name = None if task_loss is None else getattr(task_loss, "__qualname__", type(task_loss).__name__)
-        ckpt = _Checkpoint(checkpoint_dir, method, dict(
-            method=method, config=config.to_dict(), loss_config=loss_cfg.to_dict(), num_classes=n_classes,
-            features=_fingerprint(features), labels=_fingerprint(labels), task_loss=task_name,
-            dtype=str(train_dtype)))
-        state = ckpt.load(device)
-        if state is not None:
-            head.load_state_dict(state["head"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            generator.set_state(state["generator"])
-            history, start_epoch = state["history"], state["epoch"]
 
-    x = features.to(device, train_dtype)
-    y = labels.to(device)
-    epochs: Iterable[int] = range(start_epoch, config.epochs)
-    if progress:
-        from tqdm.auto import tqdm
+@dataclass
+class _Run:
+    """What one :func:`fit` trains and checkpoints: the head, its optimiser and schedule, the shuffling
+    generator and the history so far."""
 
-        epochs = tqdm(epochs, total=config.epochs, initial=start_epoch, desc=f"fit[{method}]")
-    for epoch in epochs:
-        batches = _batches(n, config.batch_size, generator, min_rows)
-        means = _run_epoch(head, criterion, optimizer, scheduler, x, y, batches, components=loss_cfg.lambda_ > 0)
-        record = {"epoch": float(epoch + 1), "lr": float(scheduler.get_last_lr()[0]), **dict(zip(_HISTORY_TERMS, means))}
-        history.append(record)
-        if not math.isfinite(record["loss"]):
-            raise FloatingPointError(
-                f"fit[{method}] diverged at epoch {epoch + 1}: loss={record['loss']}; lower the learning rate "
-                f"(lr={lr}) or standardise the features"
-            )
-        if ckpt is not None:
-            ckpt.save(head=head.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                      generator=generator.get_state(), history=history, epoch=epoch + 1)
+    head: NMTuneHead
+    method: str
+    config: TuningConfig
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    generator: torch.Generator
+    n: int
+    min_rows: int
+    components: bool
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, head: NMTuneHead, method: str, config: TuningConfig, loss_cfg: NMTuneConfig, n: int) -> _Run:
+        lr, wd = config.resolved(method)
+        optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=wd)
+        # A trailing batch joins the previous one when it is too small for the statistics: under 2 rows,
+        # or under top_k rows when L_SVD needs that many singular values (every sample is still used).
+        min_rows = max(2, loss_cfg.top_k if loss_cfg.uses_singular_value and not loss_cfg.clamp_top_k else 2)
+        steps = config.epochs * len(_batches(n, config.batch_size, torch.Generator().manual_seed(0), min_rows))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config.schedule, steps))
+        return cls(head, method, config, optimizer, scheduler, torch.Generator().manual_seed(config.seed), n,
+                   min_rows, components=loss_cfg.lambda_ > 0)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.head.parameters()).dtype
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(head=self.head.state_dict(), optimizer=self.optimizer.state_dict(),
+                    scheduler=self.scheduler.state_dict(), generator=self.generator.get_state(),
+                    history=self.history, epoch=len(self.history))
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.head.load_state_dict(state["head"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.generator.set_state(state["generator"])
+        self.history = list(state["history"])
+
+    def train(self, criterion: NMTuneLoss, x: Tensor, y: Tensor, ckpt: _Checkpoint | None, progress: bool) -> None:
+        """The remaining epochs, each checkpointed; a diverged loss is an error naming the remedy."""
+        epochs: Iterable[int] = range(len(self.history), self.config.epochs)
         if progress:
-            epochs.set_postfix(loss=f"{record['loss']:.4f}")  # type: ignore[attr-defined]
-    head.eval()
-    return FitResult(head=head, history=history, method=method, loss_config=loss_cfg)
+            from tqdm.auto import tqdm
+
+            epochs = tqdm(epochs, total=self.config.epochs, initial=len(self.history), desc=f"fit[{self.method}]")
+        for epoch in epochs:
+            batches = _batches(self.n, self.config.batch_size, self.generator, self.min_rows)
+            means = _run_epoch(self.head, criterion, self.optimizer, self.scheduler, x, y, batches, self.components)
+            record = {"epoch": float(epoch + 1), "lr": float(self.scheduler.get_last_lr()[0]),
+                      **dict(zip(_HISTORY_TERMS, means))}
+            self.history.append(record)
+            if not math.isfinite(record["loss"]):
+                raise FloatingPointError(
+                    f"fit[{self.method}] diverged at epoch {epoch + 1}: loss={record['loss']}; lower the learning "
+                    f"rate (lr={self.config.resolved(self.method)[0]}) or standardise the features"
+                )
+            if ckpt is not None:
+                ckpt.save(**self.state_dict())
+            if progress:
+                epochs.set_postfix(loss=f"{record['loss']:.4f}")  # type: ignore[attr-defined]
 
 
 def _macro_f1(pred: Tensor, target: Tensor, num_classes: int) -> Tensor:

@@ -43,7 +43,7 @@ def test_covariance_matches_reference(shape, precision):
 )
 def test_ratio_matches_reference(shape, top_k):
     z = _rand(shape, seed=1)
-    v, g = _grad(lambda t: NF.singular_value_ratio_loss(t, top_k), z)
+    v, g = _grad(lambda t: NF.singular_value_loss(t, top_k), z)
     rv, rg = _grad(lambda t: ref.ratio(t, top_k), z)
     torch.testing.assert_close(v, rv, rtol=1e-9, atol=1e-11)
     torch.testing.assert_close(g, rg, rtol=1e-7, atol=1e-9)
@@ -107,13 +107,13 @@ def test_float64_spectrum_accuracy_on_decaying_spectrum():
     v, _ = torch.linalg.qr(torch.randn(d, m, generator=g, dtype=torch.float64))
     s = torch.logspace(0, -6, m, dtype=torch.float64)
     z = (u * s) @ v.T
-    val, grad = _grad(lambda t: NF.singular_value_ratio_loss(t), z.float())
+    val, grad = _grad(lambda t: NF.singular_value_loss(t), z.float())
     rval, rgrad = _grad(ref.ratio, z)
     assert abs(float(val) - float(rval)) / abs(float(rval)) <= 1e-6
     rel = float((grad.double() - rgrad).norm() / rgrad.norm())
     assert rel <= 1e-3
     # and the fast path is measurably worse, which is why float64 is the default
-    _, g32 = _grad(lambda t: NF.singular_value_ratio_loss(t, precision="float32"), z.float())
+    _, g32 = _grad(lambda t: NF.singular_value_loss(t, precision="float32"), z.float())
     assert float((g32.double() - rgrad).norm() / rgrad.norm()) > rel
 
 
@@ -121,7 +121,7 @@ def test_float64_spectrum_accuracy_on_decaying_spectrum():
     "fn",
     [
         lambda z: NF.covariance_loss(z, precision="float64"),
-        lambda z: NF.singular_value_ratio_loss(z, 2),
+        lambda z: NF.singular_value_loss(z, 2),
         NF.singular_value_entropy,
         NF.largest_singular_value_ratio,
         lambda z: NF.consistency_loss(z, torch.ones_like(z)),
@@ -140,12 +140,12 @@ def test_half_inputs_upcast_and_return_float32(dtype):
     # as PyTorch's own losses do under autocast.
     z32 = _rand((32, 48), dtype=torch.float32, seed=6)
     z = z32.to(dtype)
-    for fn in (NF.covariance_loss, NF.singular_value_ratio_loss, NF.singular_value_entropy):
+    for fn in (NF.covariance_loss, NF.singular_value_loss, NF.singular_value_entropy):
         out = fn(z)
         assert out.dtype == torch.float32
         torch.testing.assert_close(out.float(), fn(z.float()), rtol=2e-2, atol=2e-3)
     zr = z.clone().requires_grad_(True)
-    NF.singular_value_ratio_loss(zr).backward()
+    NF.singular_value_loss(zr).backward()
     assert zr.grad.dtype == dtype and torch.isfinite(zr.grad.float()).all()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.isfinite(NF.covariance_loss(z32)).all()
@@ -162,7 +162,7 @@ def test_zero_and_rank_deficient_inputs_are_finite(shape):
     for name, z in cases.items():
         for fn in (
             NF.covariance_loss,
-            NF.singular_value_ratio_loss,
+            NF.singular_value_loss,
             NF.singular_value_entropy,
             NF.largest_singular_value_ratio,
             lambda t: NF.consistency_loss(t, torch.ones_like(t)),
@@ -174,13 +174,13 @@ def test_zero_and_rank_deficient_inputs_are_finite(shape):
     zero = torch.zeros(shape, dtype=torch.float64)
     assert float(NF.singular_value_entropy(zero)) == 0.0
     assert float(NF.largest_singular_value_ratio(zero)) == 0.0
-    assert float(NF.singular_value_ratio_loss(zero)) == -1.0
+    assert float(NF.singular_value_loss(zero)) == -1.0
 
 
 def test_known_values():
     assert math.isclose(float(NF.singular_value_entropy(torch.eye(4))), math.log(4), rel_tol=1e-6)
     assert math.isclose(float(NF.effective_rank(torch.eye(4))), 4.0, rel_tol=1e-6)
-    assert float(NF.singular_value_ratio_loss(torch.ones(5, 3))) == pytest.approx(-1.0)
+    assert float(NF.singular_value_loss(torch.ones(5, 3))) == pytest.approx(-1.0)
     # diagonal covariance -> zero decorrelation loss
     z = torch.tensor([[1.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [-1.0, -1.0]])
     assert float(NF.covariance_loss(z)) == pytest.approx(0.0, abs=1e-7)
@@ -201,18 +201,18 @@ def test_properties(params):
     k = min(m, d)
     perm = torch.randperm(m, generator=torch.Generator().manual_seed(seed))
     cov = NF.covariance_loss(z, precision="float64")
-    ratio = NF.singular_value_ratio_loss(z)
+    ratio = NF.singular_value_loss(z)
     sve = NF.singular_value_entropy(z)
     lsvr = NF.largest_singular_value_ratio(z)
     f = _rand((m, d), seed=seed + 1)
     mse = NF.consistency_loss(z, f)
     # permutation of the batch rows changes nothing
     torch.testing.assert_close(NF.covariance_loss(z[perm], precision="float64"), cov)
-    torch.testing.assert_close(NF.singular_value_ratio_loss(z[perm]), ratio)
+    torch.testing.assert_close(NF.singular_value_loss(z[perm]), ratio)
     torch.testing.assert_close(NF.singular_value_entropy(z[perm]), sve)
     torch.testing.assert_close(NF.consistency_loss(z[perm], f[perm]), mse)
     # scale invariance of the normalised terms
-    torch.testing.assert_close(NF.singular_value_ratio_loss(scale * z), ratio)
+    torch.testing.assert_close(NF.singular_value_loss(scale * z), ratio)
     torch.testing.assert_close(NF.consistency_loss(scale * z, f), mse)
     torch.testing.assert_close(NF.singular_value_entropy(scale * z), sve)
     # covariance scales with the fourth power... of the second moment: s^4
@@ -225,7 +225,7 @@ def test_properties(params):
     assert float(cov) >= -eps
     assert 0.0 <= float(mse) <= 4.0 + eps
     for top_k in range(1, k + 1):
-        r = float(NF.singular_value_ratio_loss(z, top_k))
+        r = float(NF.singular_value_loss(z, top_k))
         assert -1.0 / top_k - eps <= r <= -1.0 / k + eps
 
 
@@ -240,7 +240,7 @@ def test_degenerate_properties(m, d, rank, seed):
     for z in (a @ b, torch.zeros(m, d, dtype=torch.float64), torch.ones(m, d, dtype=torch.float64)):
         z = z.requires_grad_(True)
         total = (
-            NF.covariance_loss(z) + NF.singular_value_ratio_loss(z) + NF.singular_value_entropy(z)
+            NF.covariance_loss(z) + NF.singular_value_loss(z) + NF.singular_value_entropy(z)
             + NF.largest_singular_value_ratio(z)
         )
         (grad,) = torch.autograd.grad(total, z)
@@ -263,7 +263,7 @@ def test_errors_name_what_was_wrong():
     with pytest.raises(ValueError, match=r"same shape.*\(4, 3\).*\(4, 5\)"):
         NF.consistency_loss(torch.randn(4, 3), torch.randn(4, 5))
     with pytest.raises(ValueError, match=r"top_k must be in \[1, min\(M, D\)\] = \[1, 3\].*got 4"):
-        NF.singular_value_ratio_loss(torch.randn(8, 3), 4)
+        NF.singular_value_loss(torch.randn(8, 3), 4)
     with pytest.raises(ValueError, match="reduction.*'avg'"):
         NF.consistency_loss(torch.randn(4, 3), torch.randn(4, 3), reduction="avg")
     with pytest.raises(ValueError, match="precision.*'float16'"):

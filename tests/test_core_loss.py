@@ -23,11 +23,11 @@ def _zf(m=32, d=16, seed=0, dtype=torch.float64):
 
 def test_presets_have_the_exact_weights():
     paper = NMTuneConfig.from_preset("paper")
-    assert (paper.lambda_, paper.mse_weight, paper.cov_weight, paper.svd_weight) == (0.01, 1.0, 1.0, 1.0)
-    assert (paper.top_k, paper.consistency, paper.precision) == (1, "sample", "float64")
+    assert (paper.lambda_, paper.consistency_weight, paper.covariance_weight, paper.singular_value_weight) == (0.01, 1.0, 1.0, 1.0)
+    assert (paper.top_k, paper.consistency_mode, paper.precision) == (1, "sample", "float64")
     official = NMTuneConfig.from_preset("official")
-    assert (official.lambda_, official.mse_weight, official.cov_weight, official.svd_weight) == (1.0, 1.0, 0.04, 0.001)
-    assert (official.top_k, official.consistency) == (5, "element")
+    assert (official.lambda_, official.consistency_weight, official.covariance_weight, official.singular_value_weight) == (1.0, 1.0, 0.04, 0.001)
+    assert (official.top_k, official.consistency_mode) == (5, "element")
     none = NMTuneConfig.from_preset("none")
     assert none.lambda_ == 0.0
     assert NMTuneConfig() == paper
@@ -46,10 +46,10 @@ def test_config_json_round_trip(preset):
     ("kwargs", "error", "match"),
     [
         (dict(lambda_=-1.0), ValueError, r"lambda_ must be >= 0.0; got -1.0"),
-        (dict(cov_weight=float("nan")), ValueError, "cov_weight.*nan"),
-        (dict(mse_weight="1"), TypeError, "mse_weight.*'1'"),
+        (dict(covariance_weight=float("nan")), ValueError, "covariance_weight.*nan"),
+        (dict(consistency_weight="1"), TypeError, "consistency_weight.*'1'"),
         (dict(top_k=0), ValueError, "top_k.*got 0"),
-        (dict(consistency="l2"), ValueError, "consistency.*'l2'"),
+        (dict(consistency_mode="l2"), ValueError, "consistency_mode.*'l2'"),
         (dict(precision="half"), ValueError, "precision.*'half'"),
         (dict(check_finite=1), TypeError, "check_finite.*bool"),
         (dict(equal_local_batches="yes"), TypeError, "equal_local_batches.*bool"),
@@ -85,11 +85,11 @@ def test_regularizer_matches_reference(preset, m, d, batch):
     (grad,) = torch.autograd.grad(val, zr)
 
     def reference(t):
-        mse = ref.consistency(t, f) / (t.shape[-1] if cfg.consistency == "element" else 1)
+        mse = ref.consistency(t, f) / (t.shape[-1] if cfg.consistency_mode == "element" else 1)
         return cfg.lambda_ * (
-            cfg.mse_weight * mse
-            + cfg.cov_weight * ref.covariance(t).mean()
-            + cfg.svd_weight * ref.ratio(t, cfg.top_k).mean()  # stacks: the mean over matrices
+            cfg.consistency_weight * mse
+            + cfg.covariance_weight * ref.covariance(t).mean()
+            + cfg.singular_value_weight * ref.ratio(t, cfg.top_k).mean()  # stacks: the mean over matrices
         )
 
     zr2 = z.clone().requires_grad_(True)
@@ -127,7 +127,7 @@ def test_loss_is_task_plus_regularizer_and_components_are_detached():
 
 def test_components_report_metrics_even_when_spectrum_term_is_off():
     z, f = _zf()
-    parts = NMTuneRegularizer(svd_weight=0.0)(z, f, return_components=True)
+    parts = NMTuneRegularizer(singular_value_weight=0.0)(z, f, return_components=True)
     assert float(parts.singular_value) == 0.0
     torch.testing.assert_close(parts.sve.double(), ref.sve(z), rtol=1e-5, atol=1e-6)
 
@@ -159,7 +159,7 @@ def test_regularizer_errors():
     reg = NMTuneRegularizer()
     with pytest.raises(ValueError, match="needs the reference features f"):
         reg(torch.randn(8, 4))
-    assert torch.isfinite(NMTuneRegularizer(mse_weight=0.0)(torch.randn(8, 4)))
+    assert torch.isfinite(NMTuneRegularizer(consistency_weight=0.0)(torch.randn(8, 4)))
     with pytest.raises(ValueError, match=r"z \(8, 4\) and f \(8, 5\)"):
         reg(torch.randn(8, 4), torch.randn(8, 5))
     with pytest.raises(ValueError, match=r"1 row\(s\)"):
@@ -191,15 +191,73 @@ def test_half_precision_loss(dtype):
     assert all(torch.isfinite(p.grad.float()).all() for p in head.parameters())
 
 
-def test_regularizer_compiles_fullgraph():
-    reg = NMTuneRegularizer()  # check_finite is skipped while tracing
-    compiled = torch.compile(reg, fullgraph=True, backend="aot_eager")
-    z, f = _zf(m=16, d=24, dtype=torch.float32)
-    z.requires_grad_(True)
-    out = compiled(z, f)
-    (g,) = torch.autograd.grad(out, z)
-    z2 = z.detach().clone().requires_grad_(True)
-    eager = reg(z2, f)
-    (g2,) = torch.autograd.grad(eager, z2)
-    torch.testing.assert_close(out, eager)
-    torch.testing.assert_close(g, g2)
+# -- the 0.1 names (one release with a DeprecationWarning) ------------------------------
+
+RENAMED = {"mse_weight": "consistency_weight", "cov_weight": "covariance_weight", "svd_weight": "singular_value_weight",
+           "consistency": "consistency_mode"}
+OLD_VALUES = {"mse_weight": 0.5, "cov_weight": 0.25, "svd_weight": 0.125, "consistency": "element"}
+
+
+@pytest.mark.parametrize("old", sorted(RENAMED))
+def test_old_field_names_still_work_with_a_deprecation_warning(old: str) -> None:
+    new, value = RENAMED[old], OLD_VALUES[old]
+    expected = NMTuneConfig(**{new: value})
+    makers = {
+        "NMTuneConfig": lambda: NMTuneConfig(**{old: value}),
+        "from_preset": lambda: NMTuneConfig.from_preset("paper", **{old: value}),
+        "replace": lambda: NMTuneConfig().replace(**{old: value}),
+        "from_dict (a 0.1 file)": lambda: NMTuneConfig.from_dict(_old_dict(old, value)),
+        "NMTuneRegularizer": lambda: NMTuneRegularizer(**{old: value}).config,
+        "NMTuneLoss": lambda: NMTuneLoss("paper", **{old: value}).config,
+    }
+    for where, make in makers.items():
+        with pytest.warns(DeprecationWarning, match=f"NMTuneConfig.{old} is renamed '{new}'"):
+            got = make()
+        assert got == expected, where
+    with pytest.warns(DeprecationWarning, match=f"NMTuneConfig.{old} is renamed"):
+        assert getattr(expected, old) == value
+
+
+def _old_dict(old: str, value: object) -> dict:
+    data = NMTuneConfig().to_dict()
+    del data[RENAMED[old]]
+    data[old] = value
+    return data
+
+
+def test_uses_spectrum_is_the_old_name_of_uses_singular_value() -> None:
+    with pytest.warns(DeprecationWarning, match="uses_spectrum is renamed 'uses_singular_value'"):
+        assert NMTuneConfig().uses_spectrum is True
+
+
+def test_old_and_new_name_together_is_an_error() -> None:
+    with pytest.raises(TypeError, match="both 'svd_weight' .* and 'singular_value_weight'"):
+        with pytest.warns(DeprecationWarning):
+            NMTuneConfig(svd_weight=0.5, singular_value_weight=0.5)
+
+
+def test_new_names_emit_no_warning() -> None:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cfg = NMTuneConfig.from_preset("official", consistency_weight=0.5)
+        NMTuneConfig.from_json(cfg.to_json())
+        NMTuneLoss(cfg)
+        assert cfg.uses_singular_value and cfg.consistency_mode == "element"
+
+
+@pytest.mark.parametrize(
+    "old, new",
+    [("singular_value_ratio_loss", "singular_value_loss"),
+     ("ratio_from_singular_values", "singular_value_loss_from_singular_values"),
+     ("entropy_from_singular_values", "sve_from_singular_values")],
+)
+def test_old_function_names_still_work_with_a_deprecation_warning(old: str, new: str) -> None:
+    import nmtune.functional as NF
+
+    z = torch.randn(12, 6, generator=torch.Generator().manual_seed(0))
+    arg = z if "loss" in new and "from" not in new else NF.singular_values(z)
+    with pytest.warns(DeprecationWarning, match=f"{old} is renamed {new}"):
+        got = getattr(NF, old)(arg)
+    torch.testing.assert_close(got, getattr(NF, new)(arg))

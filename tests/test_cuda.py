@@ -50,7 +50,7 @@ def _step_under_sync_error(device: torch.device, criterion: NMTuneLoss) -> torch
 
 
 def test_step_without_spectrum_has_no_host_sync(device: torch.device) -> None:
-    criterion = NMTuneLoss("paper", svd_weight=0.0, check_finite=False)  # consistency + covariance
+    criterion = NMTuneLoss("paper", singular_value_weight=0.0, check_finite=False)  # consistency + covariance
     assert torch.isfinite(_step_under_sync_error(device, criterion))
 
 
@@ -112,7 +112,7 @@ def test_bfloat16_features_upcast_once_and_return_bf16(device: torch.device) -> 
     expected = ref.regularizer(z.detach().double().cpu(), f.double().cpu())
     torch.testing.assert_close(loss.double().cpu(), expected, rtol=1e-2, atol=1e-4)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
-        NMTuneRegularizer(mse_weight=0.0, check_finite=False)(z.detach())
+        NMTuneRegularizer(consistency_weight=0.0, check_finite=False)(z.detach())
     full_copies = [
         e for e in prof.events() if e.name == "aten::_to_copy" and e.input_shapes and e.input_shapes[0] == [32, 64]
     ]

@@ -115,8 +115,8 @@ def _single_process(sizes: tuple[int, ...]) -> tuple[torch.Tensor, dict[str, tor
         out = head(x)
         loss = _criterion()(out.logits, y, out.features, x)
     else:
-        local = NMTuneLoss("paper", lambda_=1.0, cov_weight=0.0, svd_weight=0.0)
-        glob = NMTuneRegularizer("paper", lambda_=1.0, mse_weight=0.0)
+        local = NMTuneLoss("paper", lambda_=1.0, covariance_weight=0.0, singular_value_weight=0.0)
+        glob = NMTuneRegularizer("paper", lambda_=1.0, consistency_weight=0.0)
         loss = sum(local(head(xr).logits, yr, head(xr).features, xr) for xr, yr in batches) / len(sizes)
         loss = loss + glob(head(x).features)
     loss.backward()

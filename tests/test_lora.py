@@ -99,7 +99,7 @@ def test_reference_equals_unwrapped_base_output_exactly(pooling: str) -> None:
 
 def test_reference_skipped_when_consistency_term_is_off() -> None:
     batch = _batch()
-    off = wrap_lora(_tiny_bert(), num_classes=2, config=NMTuneConfig.from_preset("paper", mse_weight=0.0))
+    off = wrap_lora(_tiny_bert(), num_classes=2, config=NMTuneConfig.from_preset("paper", consistency_weight=0.0))
     assert off.compute_reference is False and off(**batch).reference is None
     assert wrap_lora(_tiny_bert(), num_classes=2, config="none")(**batch).reference is None
     on = wrap_lora(_tiny_bert(), num_classes=2, config="official")

@@ -37,8 +37,8 @@ def test_covariance_term_exact_under_a_large_common_mean(shape, ratio) -> None:
     z = _offset(*shape, ratio)
     for preset in ("paper", "official"):
         # covariance term alone, through the shared Gram/spectrum kernel (the spectrum is on too)
-        reg = NMTuneRegularizer(preset, mse_weight=0.0, svd_weight=1e-30, check_finite=False)
-        lam, w_cov = reg.config.lambda_, reg.config.cov_weight
+        reg = NMTuneRegularizer(preset, consistency_weight=0.0, singular_value_weight=1e-30, check_finite=False)
+        lam, w_cov = reg.config.lambda_, reg.config.covariance_weight
         value, grad = _grad(lambda t: reg(t), z)
         ref_value, ref_grad = _grad(lambda t: lam * w_cov * ref.covariance(t), z)
         assert _rel(value, ref_value) < 1e-9, (preset, ratio)
@@ -51,7 +51,7 @@ def test_spectrum_term_under_a_large_common_mean(shape, ratio) -> None:
     # The uncentred spectrum is dominated by the mean direction; the term and its gradient
     # stay accurate after the low-rank recovery of the uncentred Gram.
     z = _offset(*shape, ratio)
-    reg = NMTuneRegularizer(mse_weight=0.0, cov_weight=1e-30, check_finite=False)
+    reg = NMTuneRegularizer(consistency_weight=0.0, covariance_weight=1e-30, check_finite=False)
     value, grad = _grad(lambda t: reg(t), z)
     ref_value, ref_grad = _grad(lambda t: reg.config.lambda_ * ref.ratio(t), z)
     assert _rel(value, ref_value) < 1e-9
@@ -74,7 +74,7 @@ def test_singular_value_term_gradient_accuracy_range(smallest, bound) -> None:
     # sigma_min / sigma_1 = 1e-4, 1e-5 at 1e-6, 1e-3 at 1e-7; singular values below
     # sqrt(n eps) sigma_1 (~8e-8 here) count as zero with zero gradient (35 % error at 1e-8).
     z = _conditioned(32, 48, smallest)
-    reg = NMTuneRegularizer(mse_weight=0.0, cov_weight=0.0, check_finite=False)
+    reg = NMTuneRegularizer(consistency_weight=0.0, covariance_weight=0.0, check_finite=False)
     _, grad = _grad(lambda t: reg(t), z)
     _, ref_grad = _grad(lambda t: reg.config.lambda_ * ref.ratio(t), z)
     assert _rel(grad, ref_grad) < bound

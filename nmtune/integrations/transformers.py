@@ -217,8 +217,8 @@ class NMTuneTrainer(Trainer):
         logits, features, reference = _unpack(outputs)
         if reference is None and self.nmtune_loss.config.uses_consistency:
             raise ValueError(
-                "the NMTune config has a consistency term (mse_weight > 0) but the model returned no reference "
-                "features; wrap the model with compute_reference=True or use a config with mse_weight=0"
+                "the NMTune config has a consistency term (consistency_weight > 0) but the model returned no reference "
+                "features; wrap the model with compute_reference=True or use a config with consistency_weight=0"
             )
         comp = self.nmtune_loss(logits, labels, features, reference, return_components=True)
         self._accumulate(("train", "train_total") if model.training else ("eval",), comp, logits.shape[0])

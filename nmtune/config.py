@@ -1,0 +1,224 @@
+"""``NMTuneConfig``: the validated settings of the NMTune regularizers, and its presets.
+
+Each term has one name everywhere: ``consistency`` (``L_MSE``), ``covariance``
+(``L_COV``) and ``singular_value`` (``L_SVD``) name the config weights
+(``<term>_weight``), the fields of :class:`~nmtune.LossComponents`, the
+functions of :mod:`nmtune.functional` (``<term>_loss``) and the logged keys.
+The 0.1 names (``mse_weight``, ``cov_weight``, ``svd_weight``, ``consistency``
+for the reduction mode) still work, with a ``DeprecationWarning``, until 0.3.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+from nmtune import functional as NF
+from nmtune._validation import check_bool, check_choice, check_int, check_real
+
+__all__ = ["NMTuneConfig", "PRESETS", "SMALL_BATCH_POLICIES", "RENAMED_FIELDS"]
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Section 3.1 of the paper: L = L_CE + 0.01 (L_MSE + L_COV + L_SVD).
+    "paper": dict(
+        lambda_=0.01, consistency_weight=1.0, covariance_weight=1.0, singular_value_weight=1.0, top_k=1,
+        consistency_mode="sample",
+    ),
+    # The authors' released training script: 1.0 MSE + 0.04 COV + 0.001 SVD, no lambda,
+    # element-mean MSE of normalised rows, mean of the top-5 normalised singular values.
+    # With fewer than 5 singular values (batches of <= 4 rows) the mean runs over those that exist.
+    "official": dict(
+        lambda_=1.0, consistency_weight=1.0, covariance_weight=0.04, singular_value_weight=0.001, top_k=5,
+        consistency_mode="element", clamp_top_k=True,
+    ),
+    # No regularization: the plain task loss (linear probing and MLP tuning baselines).
+    "none": dict(
+        lambda_=0.0, consistency_weight=0.0, covariance_weight=0.0, singular_value_weight=0.0, top_k=1,
+        consistency_mode="sample",
+    ),
+}
+
+SMALL_BATCH_POLICIES = ("error", "skip")
+
+#: The 0.1 field names and the names that replace them (accepted with a warning until 0.3).
+RENAMED_FIELDS = {
+    "mse_weight": "consistency_weight",
+    "cov_weight": "covariance_weight",
+    "svd_weight": "singular_value_weight",
+    "consistency": "consistency_mode",
+}
+
+
+def _deprecated(old: str, new: str, stacklevel: int = 4) -> None:
+    warnings.warn(
+        f"NMTuneConfig.{old} is renamed {new!r}; the old name works until nmtune 0.3",
+        DeprecationWarning,
+        stacklevel=stacklevel,
+    )
+
+
+def _renamed(fields: dict[str, Any]) -> dict[str, Any]:
+    """``fields`` with every 0.1 name replaced by its new one (a ``DeprecationWarning`` each)."""
+    out = dict(fields)
+    for old, new in RENAMED_FIELDS.items():
+        if old in out:
+            _deprecated(old, new)
+            if new in out:
+                raise TypeError(f"NMTuneConfig got both {old!r} (deprecated) and {new!r}; pass only {new!r}")
+            out[new] = out.pop(old)
+    return out
+
+
+class _RenamedField:
+    """Read access under a 0.1 field name, with a ``DeprecationWarning``."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.old, self.new = name, RENAMED_FIELDS[name]
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        _deprecated(self.old, self.new, stacklevel=3)
+        return getattr(obj, self.new)
+
+
+@dataclass(frozen=True)
+class NMTuneConfig:
+    """Validated configuration of the NMTune regularizers.
+
+    Attributes:
+        lambda_: Overall weight of the regularizers (``0.01`` in the paper).
+        consistency_weight: Weight of the consistency term ``L_MSE``.
+        covariance_weight: Weight of the covariance term ``L_COV``.
+        singular_value_weight: Weight of the dominant singular value term ``L_SVD``.
+        top_k: Leading singular values in ``L_SVD`` (1 in the paper, 5 in the
+            authors' code).
+        consistency_mode: ``"sample"`` (per-sample squared distance, the paper)
+            or ``"element"`` (element mean, the authors' code).
+        precision: Spectrum/Gram precision, ``"float64"`` (accurate, default)
+            or ``"float32"`` (fast).
+        check_finite: Raise ``ValueError`` on NaN/Inf features (one host sync
+            per call; ``False`` for maximum speed).
+        gather_distributed: Compute ``L_COV`` and ``L_SVD`` on the global batch
+            gathered from every rank (autograd-aware); ``L_MSE`` stays local.
+        equal_local_batches: With ``gather_distributed``, promise equal local
+            batch sizes (``drop_last=True``), which skips the per-step shape
+            exchange and its host sync. A broken promise is an error inside the
+            collective (gloo) or a hang (NCCL); see docs/distributed.md.
+        small_batch: A batch with fewer than 2 rows (the global batch under
+            ``gather_distributed``): ``"error"`` (default, ``ValueError``) or
+            ``"skip"`` (the regularizer is a zero that keeps ``z`` in the graph
+            and ``LossComponents.skipped`` is 1; decided from shapes, no host
+            sync). ``fit``, ``NMTuneTrainer`` and ``wrap_lora`` models use ``"skip"``.
+        clamp_top_k: With fewer than ``top_k`` singular values, average those
+            that exist instead of raising (the ``"official"`` preset: the
+            authors' ``torch.mean(s[:5])`` does this).
+
+    Example:
+        >>> cfg = NMTuneConfig.from_preset("official", top_k=3)
+        >>> NMTuneConfig.from_json(cfg.to_json()) == cfg
+        True
+    """
+
+    lambda_: float = 0.01
+    consistency_weight: float = 1.0
+    covariance_weight: float = 1.0
+    singular_value_weight: float = 1.0
+    top_k: int = 1
+    consistency_mode: str = "sample"
+    precision: str = "float64"
+    check_finite: bool = True
+    gather_distributed: bool = False
+    equal_local_batches: bool = False
+    small_batch: str = "error"
+    clamp_top_k: bool = False
+
+    mse_weight = _RenamedField()
+    cov_weight = _RenamedField()
+    svd_weight = _RenamedField()
+    consistency = _RenamedField()
+
+    def __post_init__(self) -> None:
+        for name in ("lambda_", "consistency_weight", "covariance_weight", "singular_value_weight"):
+            object.__setattr__(self, name, check_real(name, getattr(self, name), minimum=0.0))
+        check_int("top_k", self.top_k, minimum=1)
+        check_choice("consistency_mode", self.consistency_mode, NF.CONSISTENCY_MODES)
+        NF.validate_precision(self.precision)
+        check_choice("small_batch", self.small_batch, SMALL_BATCH_POLICIES)
+        for name in ("check_finite", "gather_distributed", "equal_local_batches", "clamp_top_k"):
+            check_bool(name, getattr(self, name))
+
+    @classmethod
+    def from_preset(cls, name: str = "paper", **overrides: Any) -> NMTuneConfig:
+        """A named preset (``"paper"``, ``"official"``, ``"none"``) with overrides."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **_renamed(overrides)})
+
+    def replace(self, **changes: Any) -> NMTuneConfig:
+        """A copy with ``changes`` applied (and validated)."""
+        return dataclasses.replace(self, **_renamed(changes))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> NMTuneConfig:
+        """From :meth:`to_dict`'s output (0.1 files with the old field names load too)."""
+        known = {f.name for f in dataclasses.fields(cls)} | set(RENAMED_FIELDS)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown NMTuneConfig field(s) {unknown}; expected a subset of {sorted(known)}")
+        return cls(**_renamed(data))
+
+    @classmethod
+    def from_json(cls, text: str) -> NMTuneConfig:
+        return cls.from_dict(json.loads(text))
+
+    @property
+    def uses_consistency(self) -> bool:
+        return self.lambda_ > 0 and self.consistency_weight > 0
+
+    @property
+    def uses_covariance(self) -> bool:
+        return self.lambda_ > 0 and self.covariance_weight > 0
+
+    @property
+    def uses_singular_value(self) -> bool:
+        return self.lambda_ > 0 and self.singular_value_weight > 0
+
+    @property
+    def uses_spectrum(self) -> bool:  # the 0.1 name
+        _deprecated("uses_spectrum", "uses_singular_value", stacklevel=3)
+        return self.uses_singular_value
+
+
+def _accept_renamed_keywords(init: Any) -> Any:
+    """The dataclass ``__init__``, taking the 0.1 keyword names too (with a warning)."""
+
+    @functools.wraps(init)
+    def __init__(self: NMTuneConfig, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **_renamed(kwargs))
+
+    return __init__
+
+
+NMTuneConfig.__init__ = _accept_renamed_keywords(NMTuneConfig.__init__)  # type: ignore[method-assign]
+
+
+def resolve_config(config: NMTuneConfig | str | None, overrides: dict[str, Any], name: str = "config") -> NMTuneConfig:
+    """``config`` (an :class:`NMTuneConfig`, a preset name, or ``None`` for ``"paper"``) with ``overrides``."""
+    if config is None:
+        config = "paper"
+    if isinstance(config, str):
+        return NMTuneConfig.from_preset(config, **overrides)
+    if isinstance(config, NMTuneConfig):
+        return config.replace(**overrides) if overrides else config
+    raise TypeError(f"{name} must be an NMTuneConfig or a preset name; got {type(config).__name__}")
