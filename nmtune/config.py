@@ -95,28 +95,25 @@ class NMTuneConfig:
         consistency_weight: Weight of the consistency term ``L_MSE``.
         covariance_weight: Weight of the covariance term ``L_COV``.
         singular_value_weight: Weight of the dominant singular value term ``L_SVD``.
-        top_k: Leading singular values in ``L_SVD`` (1 in the paper, 5 in the
-            authors' code).
+        top_k: Leading singular values in ``L_SVD`` (1 in the paper, 5 in the authors' code).
         consistency_mode: ``"sample"`` (per-sample squared distance, the paper)
             or ``"element"`` (element mean, the authors' code).
-        precision: Spectrum/Gram precision, ``"float64"`` (accurate, default)
-            or ``"float32"`` (fast).
-        check_finite: Raise ``ValueError`` on NaN/Inf features (one host sync
-            per call; ``False`` for maximum speed).
-        gather_distributed: Compute ``L_COV`` and ``L_SVD`` on the global batch
-            gathered from every rank (autograd-aware); ``L_MSE`` stays local.
+        precision: Spectrum/Gram precision, ``"float64"`` (default) or ``"float32"`` (fast).
+        check_finite: Raise ``ValueError`` on NaN/Inf features (one host sync per call).
+        gather_distributed: ``L_COV`` and ``L_SVD`` on the global batch gathered
+            from every rank (autograd-aware); ``L_MSE`` stays local.
         equal_local_batches: With ``gather_distributed``, promise equal local
-            batch sizes (``drop_last=True``), which skips the per-step shape
-            exchange and its host sync. A broken promise is an error inside the
-            collective (gloo) or a hang (NCCL); see docs/distributed.md.
-        small_batch: A batch with fewer than 2 rows (the global batch under
-            ``gather_distributed``): ``"error"`` (default, ``ValueError``) or
-            ``"skip"`` (the regularizer is a zero that keeps ``z`` in the graph
-            and ``LossComponents.skipped`` is 1; decided from shapes, no host
-            sync). ``fit``, ``NMTuneTrainer`` and ``wrap_lora`` models use ``"skip"``.
+            batch sizes (``drop_last=True``) to skip the per-step shape exchange
+            and its host sync; a broken promise fails inside the collective
+            (gloo) or hangs (NCCL). See docs/distributed.md.
+        small_batch: A batch of fewer than 2 rows (globally, under a gather):
+            ``"error"`` (default) or ``"skip"`` (the regularizer is a zero that
+            keeps ``z`` in the graph; ``LossComponents.skipped`` is 1; decided
+            from shapes, no host sync). ``fit``, ``NMTuneTrainer`` and
+            ``wrap_lora`` models use ``"skip"``.
         clamp_top_k: With fewer than ``top_k`` singular values, average those
-            that exist instead of raising (the ``"official"`` preset: the
-            authors' ``torch.mean(s[:5])`` does this).
+            that exist instead of raising (``"official"``, as the authors'
+            ``torch.mean(s[:5])``).
 
     Example:
         >>> cfg = NMTuneConfig.from_preset("official", top_k=3)
@@ -221,4 +218,4 @@ def resolve_config(config: NMTuneConfig | str | None, overrides: dict[str, Any],
         return NMTuneConfig.from_preset(config, **overrides)
     if isinstance(config, NMTuneConfig):
         return config.replace(**overrides) if overrides else config
-    raise TypeError(f"{name} must be an NMTuneConfig or a preset name; got {type(config).__name__}")
+    raise TypeError(f"{name} must be an NMTuneConfig, a preset name or None; got {type(config).__name__}")

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from nmtune._validation import check_choice, check_int
+from nmtune._validation import check_bool, check_choice, check_int, check_real
 
 __all__ = ["NMTuneHead", "HeadOutput", "HEAD_PRESETS"]
 
@@ -42,6 +42,18 @@ class HeadOutput(NamedTuple):
 
     logits: Tensor
     features: Tensor
+
+
+def _mlp(width: int, hidden: int, batch_norm: bool, dropout: float) -> nn.Sequential:
+    """``Linear(D, H) [-> BatchNorm1d] -> ReLU [-> Dropout] -> Linear(H, D)``."""
+    layers: list[nn.Module] = [nn.Linear(width, hidden)]
+    if batch_norm:
+        layers.append(nn.BatchNorm1d(hidden))
+    layers.append(nn.ReLU(inplace=True))
+    if dropout:
+        layers.append(nn.Dropout(dropout))
+    layers.append(nn.Linear(hidden, width))
+    return nn.Sequential(*layers)
 
 
 class NMTuneHead(nn.Module):
@@ -83,26 +95,19 @@ class NMTuneHead(nn.Module):
         super().__init__()
         self.in_features = check_int("in_features", in_features, minimum=1)
         self.num_classes = check_int("num_classes", num_classes, minimum=1)
+        for name, flag in (("mlp", mlp), ("batch_norm", batch_norm), ("residual", residual)):
+            check_bool(name, flag)
+        if check_real("dropout", dropout, minimum=0.0) >= 1.0:
+            raise ValueError(f"dropout must be in [0, 1); got {dropout!r}")
         if not mlp and (batch_norm or residual or hidden_features is not None or dropout):
             raise ValueError(
                 "a linear probe (mlp=False) has no MLP: hidden_features, batch_norm, residual and dropout "
                 f"must be left at their defaults; got hidden_features={hidden_features!r}, "
                 f"batch_norm={batch_norm!r}, residual={residual!r}, dropout={dropout!r}"
             )
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1); got {dropout!r}")
         self.hidden_features = check_int("hidden_features", hidden_features or in_features, minimum=1) if mlp else 0
         self.residual = residual
-        self.mlp: nn.Sequential | None = None
-        if mlp:
-            layers: list[nn.Module] = [nn.Linear(in_features, self.hidden_features)]
-            if batch_norm:
-                layers.append(nn.BatchNorm1d(self.hidden_features))
-            layers.append(nn.ReLU(inplace=True))
-            if dropout:
-                layers.append(nn.Dropout(dropout))
-            layers.append(nn.Linear(self.hidden_features, in_features))
-            self.mlp = nn.Sequential(*layers)
+        self.mlp = _mlp(in_features, self.hidden_features, batch_norm, dropout) if mlp else None
         self.scale = nn.Parameter(torch.ones(in_features)) if residual else None
         self.classifier = nn.Linear(in_features, num_classes)
         if check_choice("classifier_init", classifier_init, ("default", "kaiming")) == "kaiming":

@@ -120,8 +120,8 @@ def test_components_accumulate_on_device_and_log_means_without_per_step_sync(
             comp = crit(out.logits, b["labels"], out.features, out.reference, return_components=True)
         expected.append(torch.stack([getattr(comp, n).float() for n in LOGGED_COMPONENTS]))
     assert syncs == [], f"host syncs inside training steps: {syncs}"
-    assert trainer._nmtune_counts["train"] == 2
-    assert trainer._nmtune_sums["train"].device == next(model.parameters()).device
+    assert trainer._nmtune_terms.batches["train"] == 2
+    assert trainer._nmtune_terms.sums["train"].device == next(model.parameters()).device
     monkeypatch.undo()
 
     logs = {"loss": 1.0}
@@ -129,7 +129,7 @@ def test_components_accumulate_on_device_and_log_means_without_per_step_sync(
     mean = torch.stack(expected).mean(0)
     for i, name in enumerate(LOGGED_COMPONENTS):
         assert logs[f"nmtune_{name}"] == pytest.approx(mean[i].item(), rel=1e-4, abs=1e-6), name
-    assert trainer._nmtune_counts["train"] == 0  # reset after logging
+    assert trainer._nmtune_terms.batches["train"] == 0  # reset after logging
     other = {"learning_rate": 0.1}
     trainer.log(other)
     assert not any(k.startswith("nmtune_") for k in other)

@@ -22,7 +22,8 @@ except ModuleNotFoundError as err:  # pragma: no cover - exercised only without 
     raise ModuleNotFoundError('NMTuneTrainer needs the "transformers" package: pip install "nmtune[lora]"') from err
 
 from nmtune.lora import NMTuneLoraModel, unwrap_model
-from nmtune.loss import NMTuneConfig, NMTuneLoss
+from nmtune.config import NMTuneConfig, resolve_config
+from nmtune.loss import NMTuneLoss
 
 __all__ = ["NMTuneTrainer", "LOGGED_COMPONENTS"]
 
@@ -32,72 +33,179 @@ LOGGED_COMPONENTS = ("task", "regularizer", "consistency", "covariance", "singul
 _SPLITS = ("train", "train_total", "eval")
 
 
-def _unpack(outputs: Any) -> tuple[Tensor, Tensor, Tensor | None]:
-    if isinstance(outputs, dict):
-        get = outputs.get
-    else:
-
-        def get(key: str, default: Any = None) -> Any:
-            return getattr(outputs, key, default)
-
-    logits, features = get("logits"), get("features")
+def _unpack(outputs: Any, needs_reference: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(logits, features, reference)`` of a model output (a dict or an object with those fields)."""
+    get = outputs.get if isinstance(outputs, dict) else (lambda key: getattr(outputs, key, None))
+    logits, features, reference = get("logits"), get("features"), get("reference")
     if not isinstance(logits, Tensor) or not isinstance(features, Tensor):
         raise TypeError(
             "NMTuneTrainer needs a model whose output has tensors `logits` and `features` (and optionally "
             f"`reference`), e.g. nmtune.wrap_lora(...); got {type(outputs).__name__}"
         )
-    return logits, features, get("reference")
+    if reference is None and needs_reference:
+        raise ValueError(
+            "the NMTune config has a consistency term (consistency_weight > 0) but the model returned no reference "
+            "features; wrap the model with compute_reference=True or use a config with consistency_weight=0"
+        )
+    return logits, features, reference
+
+
+def _cache_counts(inner: NMTuneLoraModel | None, accelerator: Any, device: Any) -> dict[str, int]:
+    """``nmtune_cache_hits`` / ``nmtune_cache_misses`` of the model's reference cache, summed over ranks."""
+    cache = inner.reference_cache if inner is not None else None
+    counts = [getattr(cache, name, None) for name in ("hits", "misses")]
+    if cache is None or any(c is None for c in counts):
+        return {}
+    stats = torch.tensor([float(c) for c in counts], device=device)
+    if accelerator.num_processes > 1:
+        stats = accelerator.reduce(stats, reduction="sum")
+    hits, misses = (int(v) for v in stats.tolist())
+    return {"nmtune_cache_hits": hits, "nmtune_cache_misses": misses}
 
 
 def _trainer_config(config: Any, inner: NMTuneLoraModel | None) -> NMTuneConfig:
     """The loss config: given, else the wrapped model's, else "paper"; always ``small_batch="skip"``."""
-    if config is None:
-        config = (inner.nmtune_config if inner is not None else None) or "paper"
-    if isinstance(config, str):
-        config = NMTuneConfig.from_preset(config)
-    if not isinstance(config, NMTuneConfig):
-        raise TypeError(f"nmtune_config must be an NMTuneConfig, a preset name or None; got {type(config).__name__}")
-    return config.replace(small_batch="skip")
+    if config is None and inner is not None:
+        config = inner.nmtune_config
+    return resolve_config(config, {}, name="nmtune_config").replace(small_batch="skip")
 
 
-class NMTuneTrainer(Trainer):
-    """transformers ``Trainer`` with the NMTune loss.
+def _split_batch(inputs: dict[str, Any], key_column: str | None, training: bool) -> tuple[dict[str, Any], Tensor]:
+    """The model's keyword inputs and the labels; the reference key column becomes ``reference_keys``."""
+    inputs = dict(inputs)
+    labels = inputs.pop("labels", None)
+    if labels is None:
+        raise ValueError(f"NMTuneTrainer needs `labels` in each batch; got keys {sorted(inputs)}")
+    if key_column is not None:
+        keys = inputs.pop(key_column, None)
+        if not training:
+            inputs["use_reference_cache"] = False  # evaluation keys are not training keys
+        elif keys is None:
+            raise ValueError(
+                f"reference_key_column={key_column!r} but the batch has no such column; got keys {sorted(inputs)}"
+            )
+        else:
+            inputs["reference_keys"] = keys
+    return inputs, labels
 
-    ``compute_loss`` computes ``task_loss(logits, labels) + lambda (w_mse L_MSE(Z, F)
-    + w_cov L_COV(Z) + w_svd L_SVD(Z))`` with :class:`nmtune.NMTuneLoss`. The loss
-    is a per-batch mean (the regularizers are batch statistics), so the Trainer
-    divides it by the gradient-accumulation steps; ``num_items_in_batch`` is
-    accepted and not used.
 
-    A batch of one row (a ragged last batch: 17 rows at batch size 16) trains on its
-    task loss only: the config is used with ``small_batch="skip"``, so the
-    regularizers skip that batch, and the skips are counted in the logs
-    (``nmtune_skipped_batches``). No sample is dropped.
+class _TermSums:
+    """Row-weighted sums of the logged terms per split, kept on the device (no host sync per step)."""
 
-    Logs: each term as ``nmtune_<term>`` on the logging steps (mean over the batches
-    since the last log), ``train_nmtune_<term>`` with the final ``train_loss`` (mean
-    over the whole run, so a run shorter than ``logging_steps`` logs them too), and
-    ``<prefix>_nmtune_<term>`` in the metrics of ``evaluate()`` (``eval_``) and
-    ``predict()`` (``test_``), weighted by batch rows as ``eval_loss`` is, so
-    ``eval_nmtune_task + eval_nmtune_regularizer == eval_loss``. Each evaluation
-    and prediction counts only its own batches.
+    def __init__(self) -> None:
+        self.sums: dict[str, Tensor | None] = dict.fromkeys(_SPLITS)
+        self.batches: dict[str, int] = dict.fromkeys(_SPLITS, 0)
 
-    Checkpoints of an :class:`nmtune.NMTuneLoraModel` hold only the adapter and the
-    head (:meth:`NMTuneLoraModel.save_pretrained`) and resume from them.
+    def add(self, splits: tuple[str, ...], comp: Any, rows: int) -> None:
+        """Add ``[rows * terms..., rows, skipped]`` to each split's sum."""
+        terms = torch.stack([getattr(comp, name).detach().float() for name in LOGGED_COMPONENTS])
+        weight = terms.new_tensor([float(rows)])
+        values = torch.cat([terms * weight, weight, comp.skipped.detach().float().reshape(1)])
+        for split in splits:
+            total = self.sums[split]
+            self.sums[split] = values if total is None else total + values
+            self.batches[split] += 1
+
+    def reset(self, split: str) -> None:
+        self.sums[split], self.batches[split] = None, 0
+
+    def flush(self, split: str, logs: dict[str, float], prefix: str, accelerator: Any, device: Any) -> None:
+        """Write ``split``'s weighted means (and skip count) into ``logs`` and reset it; every rank reduces."""
+        total = self.sums[split]
+        self.reset(split)
+        distributed = accelerator.num_processes > 1
+        if total is None:
+            if not distributed:
+                return
+            total = torch.zeros(len(LOGGED_COMPONENTS) + 2, device=device)  # every rank joins the reduce
+        if distributed:
+            total = accelerator.reduce(total, reduction="sum")
+        values = total.tolist()  # the one host sync per log
+        weight, skipped = values[-2], values[-1]
+        if weight <= 0:
+            return
+        for name, value in zip(LOGGED_COMPONENTS, values):
+            logs[f"{prefix}{name}"] = round(value / weight, 6)
+        logs[f"{prefix}skipped_batches"] = int(skipped)
+
+
+def _save_lora(inner: NMTuneLoraModel, output_dir: str, trainer: Trainer) -> None:
+    """A checkpoint of an ``NMTuneLoraModel``: adapter and head, the processor, the training arguments."""
+    os.makedirs(output_dir, exist_ok=True)
+    inner.save_pretrained(output_dir)
+    processor = getattr(trainer, "processing_class", None) or getattr(trainer, "tokenizer", None)  # < 4.46: tokenizer
+    if processor is not None:
+        processor.save_pretrained(output_dir)
+    torch.save(trainer.args, os.path.join(output_dir, "training_args.bin"))
+
+
+class _AdapterCheckpoints:
+    """``Trainer`` overrides for an :class:`nmtune.NMTuneLoraModel`: its input columns, and checkpoints
+    that hold the adapter and the head only (saved, resumed and reloaded as best model)."""
+
+    def _nmtune_model(self) -> NMTuneLoraModel | None:
+        model = self.model  # type: ignore[attr-defined]
+        if hasattr(self, "accelerator"):
+            model = self.accelerator.unwrap_model(model)
+        model = unwrap_model(model)
+        return model if isinstance(model, NMTuneLoraModel) else None
+
+    def _set_signature_columns_if_needed(self) -> None:
+        inner = self._nmtune_model()
+        if inner is not None and self._signature_columns is None:
+            extra = [self.reference_key_column] if self.reference_key_column else []
+            self._signature_columns = inner.input_names() + ["labels", "label", "label_ids", "pixel_values"] + extra
+            return
+        super()._set_signature_columns_if_needed()
+        if self.reference_key_column and self.reference_key_column not in self._signature_columns:
+            self._signature_columns.append(self.reference_key_column)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        inner = self._nmtune_model()
+        if inner is None:
+            super()._save(output_dir, state_dict=state_dict)  # type: ignore[misc]
+            return
+        if self.args.should_save:
+            _save_lora(inner, output_dir if output_dir is not None else self.args.output_dir, self)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        inner = unwrap_model(model) if model is not None else self._nmtune_model()
+        if isinstance(inner, NMTuneLoraModel):
+            inner.load_adapter_state(resume_from_checkpoint)
+            return
+        super()._load_from_checkpoint(resume_from_checkpoint, model=model)
+
+    def _load_best_model(self) -> None:
+        inner = self._nmtune_model()
+        if inner is not None and self.state.best_model_checkpoint:
+            inner.load_adapter_state(self.state.best_model_checkpoint)
+            return
+        super()._load_best_model()
+
+
+class NMTuneTrainer(_AdapterCheckpoints, Trainer):
+    """transformers ``Trainer`` with the NMTune loss (:class:`nmtune.NMTuneLoss`).
+
+    The loss is a per-batch mean (the regularizers are batch statistics), so the
+    Trainer divides it by the gradient-accumulation steps; ``num_items_in_batch``
+    is not used. The config runs with ``small_batch="skip"``: a ragged last batch
+    of one row trains on its task loss, counted as ``nmtune_skipped_batches``.
+    Logged: ``nmtune_<term>`` on the logging steps, ``train_nmtune_<term>`` with
+    the final ``train_loss`` (whole-run means), and ``eval_``/``test_`` prefixed
+    terms in ``evaluate()``/``predict()``, weighted by rows as ``eval_loss`` is
+    (docs/lora.md lists them). Checkpoints of an :class:`nmtune.NMTuneLoraModel`
+    hold the adapter and the head only, and resume from them.
 
     Args:
         *args: As for ``transformers.Trainer``.
         nmtune_config: ``NMTuneConfig`` or preset name; ``None`` takes the config
             the model was wrapped with, else ``"paper"``.
         task_loss: ``callable(logits, labels) -> scalar``; default cross-entropy.
-        reference_key_column: The dataset column holding one integer key per
-            example (e.g. ``"idx"``) for the model's reference cache
-            (:meth:`NMTuneLoraModel.set_reference_cache`): it is kept by
-            ``remove_unused_columns``, taken out of each training batch and passed
-            as ``reference_keys``. Evaluation and prediction bypass the cache
-            (their keys are not training keys). The cache's ``hits`` and
-            ``misses`` (if it has them) are logged as ``nmtune_cache_hits`` /
-            ``nmtune_cache_misses``.
+        reference_key_column: The dataset column of integer example keys (e.g.
+            ``"idx"``) for the model's reference cache: kept by
+            ``remove_unused_columns`` and passed as ``reference_keys`` in
+            training (evaluation and prediction bypass the cache). The cache's
+            ``hits``/``misses`` are logged as ``nmtune_cache_hits``/``_misses``.
         **kwargs: As for ``transformers.Trainer``.
 
     Example:
@@ -125,59 +233,13 @@ class NMTuneTrainer(Trainer):
         self.nmtune_loss = NMTuneLoss(_trainer_config(nmtune_config, self._nmtune_model()), task_loss=task_loss)
         # never forward num_items_in_batch to the model, never expect a pre-scaled loss
         self.model_accepts_loss_kwargs = False
-        self._nmtune_sums: dict[str, Tensor | None] = dict.fromkeys(_SPLITS)
-        self._nmtune_counts: dict[str, int] = dict.fromkeys(_SPLITS, 0)
-
-    # -- helpers --------------------------------------------------------------------------
-    def _nmtune_model(self) -> NMTuneLoraModel | None:
-        model = self.model
-        if hasattr(self, "accelerator"):
-            model = self.accelerator.unwrap_model(model)
-        model = unwrap_model(model)
-        return model if isinstance(model, NMTuneLoraModel) else None
-
-    def _accumulate(self, splits: tuple[str, ...], comp: Any, rows: int) -> None:
-        """Add ``[rows * terms..., rows, skipped]`` to each split's device-side sum (no host sync)."""
-        terms = torch.stack([getattr(comp, name).detach().float() for name in LOGGED_COMPONENTS])
-        weight = terms.new_tensor([float(rows)])
-        values = torch.cat([terms * weight, weight, comp.skipped.detach().float().reshape(1)])
-        for split in splits:
-            total = self._nmtune_sums[split]
-            self._nmtune_sums[split] = values if total is None else total + values
-            self._nmtune_counts[split] += 1
-
-    def _reset(self, split: str) -> None:
-        self._nmtune_sums[split], self._nmtune_counts[split] = None, 0
+        self._nmtune_terms = _TermSums()
 
     def _flush(self, split: str, logs: dict[str, float], prefix: str) -> None:
-        """Write ``split``'s weighted means (and skip count) into ``logs`` and reset it."""
-        total = self._nmtune_sums[split]
-        self._reset(split)
-        distributed = self.accelerator.num_processes > 1
-        if total is None:
-            if not distributed:
-                return
-            total = torch.zeros(len(LOGGED_COMPONENTS) + 2, device=self.args.device)  # every rank joins the reduce
-        if distributed:
-            total = self.accelerator.reduce(total, reduction="sum")
-        values = total.tolist()  # the one host sync per log
-        weight, skipped = values[-2], values[-1]
-        if weight <= 0:
-            return
-        for name, value in zip(LOGGED_COMPONENTS, values):
-            logs[f"{prefix}{name}"] = round(value / weight, 6)
-        logs[f"{prefix}skipped_batches"] = int(skipped)
+        self._nmtune_terms.flush(split, logs, prefix, self.accelerator, self.args.device)
 
     def _log_cache(self, logs: dict[str, float]) -> None:
-        inner = self._nmtune_model()
-        cache = inner.reference_cache if inner is not None else None
-        counts = [getattr(cache, name, None) for name in ("hits", "misses")]
-        if cache is None or any(c is None for c in counts):
-            return
-        stats = torch.tensor([float(c) for c in counts], device=self.args.device)
-        if self.accelerator.num_processes > 1:
-            stats = self.accelerator.reduce(stats, reduction="sum")
-        logs["nmtune_cache_hits"], logs["nmtune_cache_misses"] = (int(v) for v in stats.tolist())
+        logs.update(_cache_counts(self._nmtune_model(), self.accelerator, self.args.device))
 
     # -- Trainer hooks ----------------------------------------------------------------------
     def compute_loss(
@@ -187,41 +249,12 @@ class NMTuneTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: Tensor | int | None = None,
     ) -> Tensor | tuple[Tensor, Any]:
-        """Task loss plus the NMTune regularizers; components accumulated for logging.
-
-        Args:
-            model: The (possibly DDP-wrapped) model.
-            inputs: The batch; ``labels`` (and the reference key column) are taken
-                out and the rest passed to the model.
-            return_outputs: Also return ``{"logits": ...}`` (for evaluation).
-            num_items_in_batch: Accepted for the Trainer's signature; unused, as the
-                loss is a per-batch mean.
-        """
+        """Task loss plus the NMTune regularizers (``num_items_in_batch`` unused: a per-batch mean)."""
         del num_items_in_batch
-        inputs = dict(inputs)
-        labels = inputs.pop("labels", None)
-        if labels is None:
-            raise ValueError(f"NMTuneTrainer needs `labels` in each batch; got keys {sorted(inputs)}")
-        column = self.reference_key_column
-        if column is not None:
-            keys = inputs.pop(column, None)
-            if not model.training:
-                inputs["use_reference_cache"] = False  # evaluation keys are not training keys
-            elif keys is None:
-                raise ValueError(
-                    f"reference_key_column={column!r} but the batch has no such column; got keys {sorted(inputs)}"
-                )
-            else:
-                inputs["reference_keys"] = keys
-        outputs = model(**inputs)
-        logits, features, reference = _unpack(outputs)
-        if reference is None and self.nmtune_loss.config.uses_consistency:
-            raise ValueError(
-                "the NMTune config has a consistency term (consistency_weight > 0) but the model returned no reference "
-                "features; wrap the model with compute_reference=True or use a config with consistency_weight=0"
-            )
+        inputs, labels = _split_batch(inputs, self.reference_key_column, model.training)
+        logits, features, reference = _unpack(model(**inputs), self.nmtune_loss.config.uses_consistency)
         comp = self.nmtune_loss(logits, labels, features, reference, return_components=True)
-        self._accumulate(("train", "train_total") if model.training else ("eval",), comp, logits.shape[0])
+        self._nmtune_terms.add(("train", "train_total") if model.training else ("eval",), comp, logits.shape[0])
         if return_outputs:
             return comp.loss, {"logits": logits}
         return comp.loss
@@ -237,7 +270,7 @@ class NMTuneTrainer(Trainer):
 
     def evaluation_loop(self, *args: Any, **kwargs: Any) -> Any:
         """As ``Trainer.evaluation_loop``, adding ``<prefix>_nmtune_<term>`` of exactly its own batches."""
-        self._reset("eval")
+        self._nmtune_terms.reset("eval")
         output = super().evaluation_loop(*args, **kwargs)
         params = list(inspect.signature(Trainer.evaluation_loop).parameters)[1:]
         prefix = dict(zip(params, args)).get("metric_key_prefix", kwargs.get("metric_key_prefix", "eval"))
@@ -246,8 +279,8 @@ class NMTuneTrainer(Trainer):
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
         """As ``Trainer.train``; the NMTune training logs start from zero."""
-        self._reset("train")
-        self._reset("train_total")
+        self._nmtune_terms.reset("train")
+        self._nmtune_terms.reset("train_total")
         return super().train(*args, **kwargs)
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
@@ -256,46 +289,7 @@ class NMTuneTrainer(Trainer):
             self._flush("train", logs, "nmtune_")
             self._log_cache(logs)
         if "train_loss" in logs:  # the end of train(): whole-run means, even for runs shorter than logging_steps
-            self._reset("train")
+            self._nmtune_terms.reset("train")
             self._flush("train_total", logs, "train_nmtune_")
             self._log_cache(logs)
         super().log(logs, *args, **kwargs)
-
-    def _set_signature_columns_if_needed(self) -> None:
-        inner = self._nmtune_model()
-        if inner is not None and self._signature_columns is None:
-            extra = [self.reference_key_column] if self.reference_key_column else []
-            self._signature_columns = inner.input_names() + ["labels", "label", "label_ids", "pixel_values"] + extra
-            return
-        super()._set_signature_columns_if_needed()
-        if self.reference_key_column and self.reference_key_column not in self._signature_columns:
-            self._signature_columns.append(self.reference_key_column)
-
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        inner = self._nmtune_model()
-        if inner is None:
-            super()._save(output_dir, state_dict=state_dict)
-            return
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
-        if not self.args.should_save:
-            return
-        os.makedirs(output_dir, exist_ok=True)
-        inner.save_pretrained(output_dir)
-        processor = getattr(self, "processing_class", None) or getattr(self, "tokenizer", None)  # < 4.46: tokenizer
-        if processor is not None:
-            processor.save_pretrained(output_dir)
-        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        inner = unwrap_model(model) if model is not None else self._nmtune_model()
-        if isinstance(inner, NMTuneLoraModel):
-            inner.load_adapter_state(resume_from_checkpoint)
-            return
-        super()._load_from_checkpoint(resume_from_checkpoint, model=model)
-
-    def _load_best_model(self) -> None:
-        inner = self._nmtune_model()
-        if inner is not None and self.state.best_model_checkpoint:
-            inner.load_adapter_state(self.state.best_model_checkpoint)
-            return
-        super()._load_best_model()
