@@ -127,6 +127,22 @@ def _safe_sqrt(lam: Tensor, positive: Tensor) -> Tensor:
     return torch.where(positive, torch.sqrt(torch.where(positive, lam, 1.0)), 0.0)
 
 
+def _eigh(g: Tensor, vectors: bool) -> tuple[Tensor, Tensor | None]:
+    """Ascending eigenvalues (and eigenvectors) of the symmetric Gram matrix ``g``.
+
+    LAPACK's convergence failure, which in practice means NaN/Inf features that
+    ``check_finite=False`` let through, becomes a ``ValueError`` saying so.
+    """
+    try:
+        return torch.linalg.eigh(g) if vectors else (torch.linalg.eigvalsh(g), None)
+    except torch.linalg.LinAlgError as err:
+        raise ValueError(
+            "the eigendecomposition of the features' Gram matrix failed: the features hold NaN/Inf values "
+            "(not checked because check_finite=False) or are too ill-conditioned; check them with "
+            f"check_finite=True ({err})"
+        ) from err
+
+
 class _GramSpectrum(torch.autograd.Function):
     """Singular values and covariance off-diagonal energy with one fused backward.
 
@@ -167,10 +183,7 @@ class _GramSpectrum(torch.autograd.Function):
         else:
             g = xc @ xc.mT if rows else xc.mT @ xc
         need_grad = ctx.needs_input_grad[0]
-        if need_grad:
-            lam, vec = torch.linalg.eigh(g)  # ascending
-        else:
-            lam, vec = torch.linalg.eigvalsh(g), None
+        lam, vec = _eigh(g, need_grad)
         positive = _resolved(lam, g.shape[-1])
         sigma = _safe_sqrt(lam, positive)
         if not covariance:

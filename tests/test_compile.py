@@ -1,4 +1,4 @@
-"""torch.compile(fullgraph=True) of the regularizer and of an NMTune head step.
+"""torch.compile(fullgraph=True) of an NMTune head step (each operation alone: tests/test_ops.py).
 
 ``fullgraph=True`` turns every graph break -- a ``.item()``, a Python branch on
 a tensor value, an untraceable op -- into an error, so these tests double as
@@ -27,35 +27,6 @@ def _fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
-
-
-@pytest.mark.parametrize(
-    "precision, shape", [("float64", (16, 24)), ("float32", (24, 8)), ("float64", (3, 10, 6))]
-)
-def test_regularizer_compiles_fullgraph_and_matches_eager(precision: str, shape: tuple[int, ...]) -> None:
-    reg = NMTuneRegularizer("official", precision=precision, check_finite=False, top_k=2)
-    compiled = torch.compile(reg, fullgraph=True, backend=BACKEND)
-    g = torch.Generator().manual_seed(0)
-    z = torch.randn(*shape, generator=g)
-    f = z + 0.3 * torch.randn(*shape, generator=g)
-    z_e, z_c = z.clone().requires_grad_(), z.clone().requires_grad_()
-    eager = reg(z_e, f)
-    out = compiled(z_c, f)
-    eager.backward()
-    out.backward()
-    torch.testing.assert_close(out, eager)
-    torch.testing.assert_close(z_c.grad, z_e.grad, rtol=1e-5, atol=1e-7)
-
-
-def test_components_compile_fullgraph() -> None:
-    reg = NMTuneRegularizer(check_finite=False)
-    compiled = torch.compile(lambda z, f: reg(z, f, return_components=True), fullgraph=True, backend=BACKEND)
-    z, f = torch.randn(12, 20, requires_grad=True), torch.randn(12, 20)
-    parts = compiled(z, f)
-    expected = reg(z, f, return_components=True)
-    torch.testing.assert_close(parts.loss, expected.loss)
-    assert torch.isfinite(parts.sve) and 0 < float(parts.sve) <= torch.log(torch.tensor(12.0))
-    torch.testing.assert_close(parts.sve, expected.sve)
 
 
 def test_check_finite_does_not_break_the_graph() -> None:
@@ -94,7 +65,7 @@ def test_head_step_compiles_fullgraph_and_matches_eager() -> None:
 
 
 def test_eager_head_step_reads_no_tensor_value() -> None:
-    """The CPU stand-in for torch.cuda.set_sync_debug_mode('error') (see test_cuda.py)."""
+    """The CPU stand-in for torch.cuda.set_sync_debug_mode('error') (tests/test_ops.py runs the CUDA check)."""
     head = NMTuneHead(16, 4)
     criterion = NMTuneLoss("paper", check_finite=False)
     x, y = torch.randn(12, 16), torch.randint(0, 4, (12,))
