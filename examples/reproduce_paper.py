@@ -275,7 +275,7 @@ def _ablation_plan(name: str, a, s) -> list[tuple[str, dict[str, Any]]]:
     if name == "terms":
         return [(v, {"methods": ("nmtune",), "loss_config": NMTuneConfig.from_preset(cfg, **o)} if o else None)
                 for v, o in _TERM_VARIANTS.items()]
-    if name == "top_k":  # all three rerun: the batch size may differ from the main run's (see _safe_batch)
+    if name == "top_k":  # all three rerun, on identical batches (see _safe_batch)
         return [(f"top_k={k}", {"methods": ("nmtune",), "loss_config": NMTuneConfig.from_preset(cfg, top_k=k)})
                 for k in (1, 3, 5)]
     if name == "fractions":
@@ -288,7 +288,11 @@ def _ablation_plan(name: str, a, s) -> list[tuple[str, dict[str, Any]]]:
 
 def _safe_batch(n: int, batch_size: int, min_rows: int) -> int:
     """The largest batch size <= ``batch_size`` whose trailing batch of ``n`` rows is empty or
-    has at least ``min_rows`` rows (L_SVD with ``top_k = k`` needs ``k`` rows in every batch).
+    has at least ``min_rows`` rows.
+
+    ``fit`` merges a trailing batch too small for ``top_k`` into the previous one, and what is
+    too small depends on ``top_k``; with this batch size no batch is merged, so the ``top_k``
+    variants of the ablation see exactly the same batches and differ only in ``top_k``.
 
     Example:
         >>> _safe_batch(387, 128, 5), _safe_batch(256, 128, 5)
