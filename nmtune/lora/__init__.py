@@ -12,10 +12,11 @@ x ─► backbone (adapter disabled, no_grad, eval) ─► pool ─► F
 
 Layout: ``adapters`` (one class per model family: transformers encoders,
 transformers decoders, timm; the first match in ``ADAPTERS`` wins), ``pooling``
-(token pooling and the pooling a checkpoint declares), ``model``
-(:class:`NMTuneLoraModel`), ``wrap`` (:func:`wrap_lora`) and ``io``
-(:func:`load_lora`, saving). ``peft`` is an optional dependency:
-``pip install "nmtune[lora]"``.
+(token pooling and the pooling a checkpoint declares), ``backbone`` (the family
+side of the model: adapter, BatchNorm freezing, checkpointing), ``reference`` (``F``
+and the reference-cache protocol), ``model`` (:class:`NMTuneLoraModel`), ``wrap``
+(:func:`wrap_lora`) and ``io`` (:func:`load_lora`; the saved files are ``_state``'s).
+``peft`` is an optional dependency: ``pip install "nmtune[lora]"``.
 """
 
 from __future__ import annotations

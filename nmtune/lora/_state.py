@@ -9,7 +9,15 @@ from typing import Any
 
 from torch import Tensor, nn
 
-__all__ = ["HEAD_FILE", "META_FILE", "FORMAT_VERSION", "save_model", "load_head_state", "load_adapter_state"]
+__all__ = [
+    "HEAD_FILE",
+    "META_FILE",
+    "FORMAT_VERSION",
+    "SavedStateMixin",
+    "save_model",
+    "load_head_state",
+    "load_adapter_state",
+]
 
 HEAD_FILE = "nmtune_head.safetensors"
 META_FILE = "nmtune_lora.json"
@@ -59,3 +67,50 @@ def load_adapter_state(model: nn.Module, directory: str | os.PathLike) -> None:
         raise ValueError(f"adapter weights in {directory} do not fit this model: {unexpected[:3]}...")
     if model.head is not None:
         model.head.load_state_dict(load_head_state(directory, device))
+
+
+class SavedStateMixin:
+    """The saved form of an :class:`~nmtune.lora.model.NMTuneLoraModel`: its record (:attr:`metadata`,
+    :attr:`nmtune_config`) and its folder (:meth:`save_pretrained`, :meth:`load_adapter_state`).
+
+    The model provides ``_meta`` (the record), ``peft_model``, ``head``, ``pooling`` and the flags
+    that :func:`save_model` writes.
+    """
+
+    _meta: dict[str, Any]
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """What :meth:`save_pretrained` records besides the weights (family, classes, head kind, config)."""
+        return dict(self._meta)
+
+    @property
+    def nmtune_config(self) -> Any:
+        """The :class:`nmtune.NMTuneConfig` the model was wrapped with, or ``None``."""
+        saved = self._meta.get("nmtune_config")
+        if not saved:
+            return None
+        from nmtune.loss import NMTuneConfig
+
+        return NMTuneConfig.from_dict(saved)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """Save the adapter (PEFT format) and the new head in one folder.
+
+        Writes PEFT's ``adapter_config.json`` / ``adapter_model.safetensors`` plus
+        ``nmtune_head.safetensors`` (the head) and ``nmtune_lora.json`` (pooling,
+        classes, flags). Reload with :func:`load_lora`.
+
+        Args:
+            save_directory: Target folder (created if needed).
+            **kwargs: Passed to ``PeftModel.save_pretrained``.
+
+        Example:
+            >>> model.save_pretrained("runs/lora")             # doctest: +SKIP
+            >>> again = load_lora(fresh_base_model, "runs/lora")  # doctest: +SKIP
+        """
+        save_model(self, save_directory, **kwargs)
+
+    def load_adapter_state(self, directory: str | os.PathLike) -> None:
+        """Load saved adapter and head weights into this model (used to resume training)."""
+        load_adapter_state(self, directory)

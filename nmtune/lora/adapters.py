@@ -18,7 +18,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from nmtune.lora._utils import import_peft, unwrap_model
-from nmtune.lora.pooling import POOLING_MODES, checkpoint_folder, pool_tokens, sentence_transformers_pooling
+from nmtune.lora.pooling import pool_output, resolve_token_pooling
 
 __all__ = [
     "ADAPTERS",
@@ -54,6 +54,30 @@ _DECODER_TYPES = frozenset({
     "qwen2_moe", "qwen3", "qwen3_moe", "phi", "phi3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2",
     "starcoder2", "codegen", "stablelm", "smollm3", "granite",
 })
+
+
+def _transformers_targets(model: nn.Module) -> list[str]:
+    """Default LoRA targets of a transformers model: nmtune's table by ``model_type``, else PEFT's.
+
+    Example:
+        >>> _transformers_targets(nn.Linear(2, 2))
+        Traceback (most recent call last):
+        ...
+        ValueError: no default LoRA targets for Linear (neither a transformers nor a timm model); ...
+    """
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "model_type"):
+        raise ValueError(
+            f"no default LoRA targets for {type(model).__name__} (neither a transformers nor a timm model); "
+            "pass target_modules=[...]"
+        )
+    mtype = str(config.model_type or "")
+    if mtype in _HF_TARGETS:
+        return list(_HF_TARGETS[mtype])
+    table = import_peft().utils.constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    if mtype in table:
+        return list(table[mtype])
+    raise ValueError(f"no default LoRA targets for model_type {mtype!r}; pass target_modules=[...]")
 
 
 def _check_dim(model: nn.Module, dim: Any) -> int:
@@ -185,6 +209,7 @@ class TimmAdapter(ModelAdapter):
     def set_checkpointing(
         self, model: nn.Module, enable: bool, checkpointing_kwargs: dict[str, Any] | None = None, **kwargs: Any
     ) -> None:
+        """timm's ``set_grad_checkpointing(enable)``."""
         model.set_grad_checkpointing(enable)
 
     def input_names(self, model: nn.Module) -> list[str]:
@@ -228,37 +253,14 @@ class TransformersEncoderAdapter(ModelAdapter):
         return _check_dim(model, getattr(getattr(model, "config", None), "hidden_size", None))
 
     def default_target_modules(self, model: nn.Module) -> list[str] | str:
-        config = getattr(model, "config", None)
-        if config is None or not hasattr(config, "model_type"):
-            raise ValueError(
-                f"no default LoRA targets for {type(model).__name__} (neither a transformers nor a timm model); "
-                "pass target_modules=[...]"
-            )
-        mtype = str(config.model_type or "")
-        if mtype in _HF_TARGETS:
-            return list(_HF_TARGETS[mtype])
-        table = import_peft().utils.constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
-        if mtype in table:
-            return list(table[mtype])
-        raise ValueError(f"no default LoRA targets for model_type {mtype!r}; pass target_modules=[...]")
+        return _transformers_targets(model)
 
     def _auto_pooling(self, model: nn.Module) -> str:
         return "pooler" if self._pooler(model) is not None else "cls"
 
     def resolve_pooling(self, model: nn.Module, pooling: Any) -> Any:
-        if callable(pooling) and not isinstance(pooling, str):
-            return pooling
-        if pooling not in POOLING_MODES:
-            raise ValueError(f"unknown pooling {pooling!r}; expected one of {POOLING_MODES} or a callable")
-        if pooling == "pre_logits":
-            raise ValueError("pooling='pre_logits' is for timm models; use 'cls', 'mean', 'last' or 'pooler'")
-        if pooling == "pooler" and self._pooler(model) is None:
-            raise ValueError(f"pooling='pooler' but {type(model).__name__} has no pooler; use 'cls', 'mean' or 'last'")
-        if pooling != "auto":
-            return pooling
-        folder = checkpoint_folder(model)
-        declared = sentence_transformers_pooling(folder) if folder is not None else None
-        return declared or self._auto_pooling(model)
+        has_pooler = self._pooler(model) is not None
+        return resolve_token_pooling(model, pooling, has_pooler=has_pooler, auto=lambda: self._auto_pooling(model))
 
     def prepare(self, model: nn.Module, pooling: Any) -> None:
         # task models (BertForSequenceClassification, ...) return no last_hidden_state
@@ -282,25 +284,13 @@ class TransformersEncoderAdapter(ModelAdapter):
         out = peft_model(*args, **call_kwargs)
         logits = getattr(out, "logits", None) if own_logits else None
         hooked, self._pooler_out = self._pooler_out, None
-        if pooling == "pooler":
-            z = getattr(out, "pooler_output", None)
-            z = hooked if z is None else z
-            if z is None:
-                raise ValueError("pooling='pooler' but the model returned no pooler output")
-            return logits, z
-        hidden = getattr(out, "last_hidden_state", None)
-        if hidden is None:
-            states = getattr(out, "hidden_states", None)
-            if not states:
-                raise ValueError(f"{type(out).__name__} has neither last_hidden_state nor hidden_states to pool")
-            hidden = states[-1]
-        mask = kwargs.get("attention_mask")
-        return logits, (pooling(hidden, mask) if callable(pooling) else pool_tokens(hidden, mask, pooling))
+        return logits, pool_output(out, kwargs.get("attention_mask"), pooling, pooler_output=hooked)
 
     def set_checkpointing(
         self, model: nn.Module, enable: bool, checkpointing_kwargs: dict[str, Any] | None = None, **kwargs: Any
     ) -> None:
-        """Non-reentrant by default, so that the frozen embeddings need no ``requires_grad`` hook."""
+        """``activation_checkpointing_enable`` (or the older ``gradient_checkpointing_enable``), non-reentrant
+        by default, so that the frozen embeddings need no ``requires_grad`` hook."""
         if not enable:
             model.gradient_checkpointing_disable()
             return

@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["POOLING_MODES", "pool_tokens", "sentence_transformers_pooling", "checkpoint_folder"]
+__all__ = [
+    "POOLING_MODES", "pool_tokens", "pool_output", "resolve_token_pooling", "sentence_transformers_pooling",
+    "checkpoint_folder",
+]
 
 POOLING_MODES = ("auto", "cls", "mean", "last", "pooler", "pre_logits")
 """Names accepted by ``pooling`` (a callable ``(hidden, attention_mask) -> (B, D)`` also works)."""
@@ -128,3 +133,58 @@ def sentence_transformers_pooling(folder: str | os.PathLike) -> str | None:
             "or lasttoken: pass pooling= explicitly ('cls', 'mean', 'last' or a callable)"
         )
     return _ST_MODES[chosen[0]]
+
+
+def resolve_token_pooling(model: nn.Module, pooling: Any, *, has_pooler: bool, auto: Callable[[], str]) -> Any:
+    """Check ``pooling`` for a transformers model's token features and resolve ``"auto"``.
+
+    ``"auto"`` becomes the pooling the checkpoint folder declares
+    (:func:`sentence_transformers_pooling`), else ``auto()`` (the family's default).
+
+    Example:
+        >>> resolve_token_pooling(nn.Linear(2, 2), "auto", has_pooler=False, auto=lambda: "cls")
+        'cls'
+    """
+    if callable(pooling) and not isinstance(pooling, str):
+        return pooling
+    if pooling not in POOLING_MODES:
+        raise ValueError(f"unknown pooling {pooling!r}; expected one of {POOLING_MODES} or a callable")
+    if pooling == "pre_logits":
+        raise ValueError("pooling='pre_logits' is for timm models; use 'cls', 'mean', 'last' or 'pooler'")
+    if pooling == "pooler" and not has_pooler:
+        raise ValueError(f"pooling='pooler' but {type(model).__name__} has no pooler; use 'cls', 'mean' or 'last'")
+    if pooling != "auto":
+        return pooling
+    folder = checkpoint_folder(model)
+    declared = sentence_transformers_pooling(folder) if folder is not None else None
+    return declared or auto()
+
+
+def pool_output(out: Any, mask: Tensor | None, pooling: Any, *, pooler_output: Tensor | None = None) -> Tensor:
+    """The pooled features ``(B, D)`` of a transformers model output.
+
+    Args:
+        out: The model output (``last_hidden_state``, else the last of ``hidden_states``;
+            ``pooler_output`` for ``pooling="pooler"``).
+        mask: The attention mask ``(B, T)`` or ``None``.
+        pooling: A :func:`pool_tokens` mode, ``"pooler"`` or a callable ``(hidden, mask) -> (B, D)``.
+        pooler_output: The pooler's output caught by a hook, for outputs without ``pooler_output``.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> pool_output(SimpleNamespace(last_hidden_state=torch.ones(2, 3, 4)), None, "mean").shape
+        torch.Size([2, 4])
+    """
+    if pooling == "pooler":
+        z = getattr(out, "pooler_output", None)
+        z = pooler_output if z is None else z
+        if z is None:
+            raise ValueError("pooling='pooler' but the model returned no pooler output")
+        return z
+    hidden = getattr(out, "last_hidden_state", None)
+    if hidden is None:
+        states = getattr(out, "hidden_states", None)
+        if not states:
+            raise ValueError(f"{type(out).__name__} has neither last_hidden_state nor hidden_states to pool")
+        hidden = states[-1]
+    return pooling(hidden, mask) if callable(pooling) else pool_tokens(hidden, mask, pooling)

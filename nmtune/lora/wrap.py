@@ -41,8 +41,10 @@ def _resolve_reference(config: Any, compute_reference: bool | None) -> bool:
 
 
 def _check_arguments(
-    r: Any, alpha: Any, dropout: Any, num_classes: Any, feature_dim: Any, head: Any, target_modules: Any
+    r: Any, alpha: Any, dropout: Any, num_classes: Any, feature_dim: Any, head: Any, target_modules: Any,
+    **flags: Any,
 ) -> None:
+    """Refuse a wrap_lora argument of the wrong type or range; ``flags`` are the boolean ones."""
     check_int("r", r, minimum=1)
     if alpha is not None and check_real("alpha", alpha) <= 0:
         raise ValueError(f"alpha must be > 0 (or None for alpha = r); got {alpha!r}")
@@ -61,6 +63,8 @@ def _check_arguments(
             "target_modules must be a regular expression (str), a non-empty list of module names, or None; "
             f"got {target_modules!r}"
         )
+    for name, flag in flags.items():
+        check_bool(name, flag)
 
 
 def _split_peft(model: nn.Module) -> tuple[nn.Module | None, nn.Module]:
@@ -95,6 +99,45 @@ def _new_lora_config(
     )
 
 
+def _inject_lora(
+    adapter: ModelAdapter, base: nn.Module, lora_config: Any, own: nn.Module | None, r: int, alpha: float | None,
+    dropout: float, target_modules: Any, lora_kwargs: dict[str, Any],
+) -> nn.Module:
+    """``peft.get_peft_model(base, ...)`` with ``lora_config``, or with one built by :func:`_new_lora_config`."""
+    if lora_config is None:
+        lora_config = _new_lora_config(adapter, base, own, r, alpha, dropout, target_modules, lora_kwargs)
+    check_lora_config(lora_config)
+    return import_peft().get_peft_model(base, lora_config)
+
+
+def _head(
+    adapter: ModelAdapter, base: nn.Module, own: nn.Module | None, head: nn.Module | None,
+    num_classes: int | None, feature_dim: int | None,
+) -> nn.Module | None:
+    """The head on ``Z``: ``head``, a new ``nn.Linear(D, num_classes)``, or ``None`` for the model's own ``own``."""
+    if head is None and num_classes is None and own is None:
+        raise ValueError(f"{type(base).__name__} has no classification head; pass num_classes=... for a new one")
+    if head is None and num_classes is not None:
+        dim = feature_dim if feature_dim is not None else adapter.feature_dim(base)
+        head = place_like(nn.Linear(dim, num_classes), base)
+    return head
+
+
+def _metadata(
+    adapter: ModelAdapter, num_classes: int | None, feature_dim: int | None, head: nn.Module | None, config: Any
+) -> dict[str, Any]:
+    """The record ``save_pretrained`` writes besides the weights (family, classes, head kind, config)."""
+    meta = {
+        "family": adapter.family,
+        "num_classes": num_classes,
+        "feature_dim": int(head.in_features) if isinstance(head, nn.Linear) else feature_dim,
+        "head": None if head is None else ("linear" if isinstance(head, nn.Linear) else "custom"),
+    }
+    if config is not None:
+        meta["nmtune_config"] = _as_config(config).to_dict()
+    return meta
+
+
 def wrap_lora(
     model: nn.Module,
     *,
@@ -117,10 +160,12 @@ def wrap_lora(
     """Add LoRA adapters to ``model`` and return features for NMTune.
 
     The model is changed in place by ``peft.get_peft_model`` (LoRA layers injected,
-    base weights frozen, never copied). The result's forward returns
-    ``(logits, features Z, reference F)``: ``Z`` is the adapted pooled feature and
-    ``F`` the same pooled feature with the adapter disabled, computed under
-    ``no_grad`` in eval mode, bit-identical to the pre-trained model's.
+    base weights frozen, never copied), once every argument is checked. The result's
+    forward returns ``(logits, features Z, reference F)``: ``Z`` is the adapted pooled
+    feature and ``F`` the same pooled feature with the adapter disabled, computed under
+    ``no_grad`` in eval mode, bit-identical to the pre-trained model's. docs/lora.md
+    has the per-family defaults, how ``pooling="auto"`` is resolved and which LoRA
+    settings are refused, and why.
 
     Args:
         model: A transformers model (``AutoModel`` or a task model) or a timm model;
@@ -129,29 +174,20 @@ def wrap_lora(
         r: LoRA rank.
         alpha: LoRA alpha; ``None`` means ``r`` (scale 1, as in the authors' code).
         dropout: LoRA dropout.
-        target_modules: Modules to adapt; ``None`` picks
-            :func:`default_target_modules`.
+        target_modules: Modules to adapt; ``None`` picks :func:`default_target_modules`.
         num_classes: If given, a new ``nn.Linear(D, num_classes)`` head on ``Z``,
             trained and saved with the adapter; otherwise the model's own head.
-        pooling: transformers models: ``"cls"``, ``"mean"`` (attention-masked),
-            ``"last"`` (last non-pad token), ``"pooler"`` (the model's own
-            pooler), a callable ``(hidden, attention_mask) -> (B, D)``, or
-            ``"auto"``: the pooling the checkpoint folder declares
-            (sentence-transformers' ``modules.json`` / ``1_Pooling/config.json``),
-            else the model's pooler if it has one (encoders), else ``"last"``
-            for decoders and ``"cls"`` for encoders. timm models: ``"auto"``
-            (pre-logits features).
+        pooling: transformers models: ``"cls"``, ``"mean"`` (attention-masked), ``"last"``
+            (last non-pad token), ``"pooler"``, a callable ``(hidden, attention_mask) -> (B, D)``
+            or ``"auto"`` (the checkpoint's sentence-transformers pooling, else the pooler,
+            else ``"last"`` for decoders, ``"cls"`` for encoders). timm models: ``"auto"``.
         config: An ``NMTuneConfig`` or preset name; when its consistency term is
             off (``mse_weight == 0`` or ``lambda_ == 0``) the reference is skipped.
         compute_reference: Force the reference on or off (overrides ``config``).
         reference_eval: Compute ``F`` with every submodule in eval mode (default;
             ``F`` is then deterministic and BatchNorm statistics are untouched).
-        freeze_batchnorm: Keep the base's BatchNorm layers in eval mode while
-            training (default): their running statistics belong to the frozen
-            pre-trained model, so ``F`` stays exact and the saved adapter and
-            head determine the model. With ``False`` they follow ``train()``,
-            ``F`` drifts with the updated statistics and ``save_pretrained``
-            does not store them.
+        freeze_batchnorm: Keep the base's BatchNorm layers in eval mode while training
+            (default), so ``F`` stays exact; with ``False`` they follow ``train()``.
         head: A custom ``Z -> logits`` module instead of the linear head.
         feature_dim: Width ``D`` of ``Z``; inferred when ``None``.
         train_own_head: Without ``num_classes``, train (and save, as PEFT
@@ -165,13 +201,10 @@ def wrap_lora(
         An :class:`NMTuneLoraModel`.
 
     Raises:
-        TypeError: For an argument of the wrong type (``r=True``, ``r=2.0``,
-            ``reference_eval="yes"``, a ``head`` that is not a module, ...).
-        ValueError: For an out-of-range number (``r < 1``, ``dropout`` outside
-            [0, 1), ``alpha <= 0``), a LoRA initialisation that rewrites the base weights
-            (PiSSA, OLoRA, LoftQ, CorDA, LoRA-GA, KaSA), ``bias != "none"``,
-            merged adapters, an unknown pooling, or a model without a head and
-            no ``num_classes``.
+        TypeError: For an argument of the wrong type (``r=2.0``, a ``head`` that is not a module, ...).
+        ValueError: For an out-of-range number, LoRA settings under which the disabled adapter is not
+            the pre-trained model (base-rewriting initialisations such as PiSSA, ``bias != "none"``,
+            merged adapters), an unknown pooling, or a model without a head and no ``num_classes``.
 
     Example:
         >>> from transformers import BertConfig, BertModel
@@ -182,43 +215,25 @@ def wrap_lora(
         >>> out = model(input_ids=ids, attention_mask=torch.ones_like(ids))
         >>> loss = NMTuneLoss()(out.logits, torch.tensor([0, 1, 2, 0]), out.features, out.reference)
     """
-    peft = import_peft()
+    import_peft()  # without the extra, fail before anything else
     model = unwrap_model(model)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module; got {type(model).__name__}")
-    _check_arguments(r, alpha, dropout, num_classes, feature_dim, head, target_modules)
-    for name, flag in (("reference_eval", reference_eval), ("freeze_batchnorm", freeze_batchnorm),
-                       ("train_own_head", train_own_head)):
-        check_bool(name, flag)
+    _check_arguments(
+        r, alpha, dropout, num_classes, feature_dim, head, target_modules,
+        reference_eval=reference_eval, freeze_batchnorm=freeze_batchnorm, train_own_head=train_own_head,
+    )
     with_reference = _resolve_reference(config, compute_reference)
-
     peft_model, base = _split_peft(model)
 
     # validate everything before get_peft_model changes the model in place
     adapter = adapter_for(base)
     pooling = adapter.resolve_pooling(base, pooling)
     own = adapter.classifier(base)
-    if head is None and num_classes is None and own is None:
-        raise ValueError(f"{type(base).__name__} has no classification head; pass num_classes=... for a new one")
-    if head is None and num_classes is not None:
-        dim = feature_dim if feature_dim is not None else adapter.feature_dim(base)
-        head = place_like(nn.Linear(dim, num_classes), base)
-
+    head = _head(adapter, base, own, head, num_classes, feature_dim)
     if peft_model is None:
-        if lora_config is None:
-            owned = None if head is not None or not train_own_head else own
-            lora_config = _new_lora_config(adapter, base, owned, r, alpha, dropout, target_modules, lora_kwargs)
-        check_lora_config(lora_config)
-        peft_model = peft.get_peft_model(base, lora_config)
-
-    meta = {
-        "family": adapter.family,
-        "num_classes": num_classes,
-        "feature_dim": int(head.in_features) if isinstance(head, nn.Linear) else feature_dim,
-        "head": None if head is None else ("linear" if isinstance(head, nn.Linear) else "custom"),
-    }
-    if config is not None:
-        meta["nmtune_config"] = _as_config(config).to_dict()
+        owned = None if head is not None or not train_own_head else own
+        peft_model = _inject_lora(adapter, base, lora_config, owned, r, alpha, dropout, target_modules, lora_kwargs)
     return NMTuneLoraModel(
         peft_model,
         head=head,
@@ -226,6 +241,6 @@ def wrap_lora(
         compute_reference=with_reference,
         reference_eval=reference_eval,
         freeze_batchnorm=freeze_batchnorm,
-        meta=meta,
+        meta=_metadata(adapter, num_classes, feature_dim, head, config),
         adapter=adapter,
     )
