@@ -119,7 +119,7 @@ _BAD_WRAP = [
     ({"head": "linear"}, TypeError, "head must be an nn.Module"),
     ({"target_modules": [1, 2]}, TypeError, "target_modules must be a regular expression"),
     ({"target_modules": []}, TypeError, "target_modules must be a regular expression"),
-    ({"config": 0.5}, TypeError, "config must be an NMTuneConfig or a preset name; got float"),
+    ({"config": 0.5}, TypeError, "config must be an NMTuneConfig, a preset name or None; got float"),
     ({"pooling": "pre_logits"}, ValueError, "pooling='pre_logits' is for timm models"),
 ]
 

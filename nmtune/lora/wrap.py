@@ -19,25 +19,17 @@ from nmtune.lora._utils import (
     place_like,
     unwrap_model,
 )
+from nmtune.config import resolve_config
 from nmtune.lora.adapters import ModelAdapter, adapter_for
 from nmtune.lora.model import NMTuneLoraModel
 
 __all__ = ["wrap_lora"]
 
 
-def _as_config(config: Any) -> Any:
-    from nmtune.loss import NMTuneConfig
-
-    cfg = NMTuneConfig.from_preset(config) if isinstance(config, str) else config
-    if not isinstance(cfg, NMTuneConfig):
-        raise TypeError(f"config must be an NMTuneConfig or a preset name; got {type(cfg).__name__}")
-    return cfg
-
-
 def _resolve_reference(config: Any, compute_reference: bool | None) -> bool:
     if compute_reference is not None:
         return check_bool("compute_reference", compute_reference)
-    return True if config is None else _as_config(config).uses_consistency
+    return True if config is None else resolve_config(config, {}).uses_consistency
 
 
 def _check_arguments(
@@ -134,7 +126,7 @@ def _metadata(
         "head": None if head is None else ("linear" if isinstance(head, nn.Linear) else "custom"),
     }
     if config is not None:
-        meta["nmtune_config"] = _as_config(config).to_dict()
+        meta["nmtune_config"] = resolve_config(config, {}).to_dict()
     return meta
 
 
@@ -182,7 +174,7 @@ def wrap_lora(
             or ``"auto"`` (the checkpoint's sentence-transformers pooling, else the pooler,
             else ``"last"`` for decoders, ``"cls"`` for encoders). timm models: ``"auto"``.
         config: An ``NMTuneConfig`` or preset name; when its consistency term is
-            off (``mse_weight == 0`` or ``lambda_ == 0``) the reference is skipped.
+            off (``consistency_weight == 0`` or ``lambda_ == 0``) the reference is skipped.
         compute_reference: Force the reference on or off (overrides ``config``).
         reference_eval: Compute ``F`` with every submodule in eval mode (default;
             ``F`` is then deterministic and BatchNorm statistics are untouched).
