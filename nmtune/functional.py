@@ -345,6 +345,13 @@ def singular_value_loss(
     return svd.to(_kernels.result_dtype(z.dtype))  # type: ignore[union-attr]
 
 
+def _of_spectrum(
+    metric: Callable[[Tensor], Tensor], z: Tensor, precision: str, normalize_rows: bool, check_finite: bool
+) -> Tensor:
+    """``metric`` of the singular values of ``z`` (validated by :func:`singular_values`)."""
+    return metric(singular_values(z, precision=precision, normalize_rows=normalize_rows, check_finite=check_finite))
+
+
 def singular_value_entropy(
     z: Tensor, *, precision: str = "float64", normalize_rows: bool = False, check_finite: bool = True
 ) -> Tensor:
@@ -358,8 +365,7 @@ def singular_value_entropy(
         >>> round(float(singular_value_entropy(torch.eye(4))), 4)  # log 4
         1.3863
     """
-    sigma = singular_values(z, precision=precision, normalize_rows=normalize_rows, check_finite=check_finite)
-    return sve_from_singular_values(sigma)
+    return _of_spectrum(sve_from_singular_values, z, precision, normalize_rows, check_finite)
 
 
 def largest_singular_value_ratio(
@@ -375,8 +381,7 @@ def largest_singular_value_ratio(
         >>> float(largest_singular_value_ratio(torch.ones(4, 3)))
         0.0
     """
-    sigma = singular_values(z, precision=precision, normalize_rows=normalize_rows, check_finite=check_finite)
-    return lsvr_from_singular_values(sigma)
+    return _of_spectrum(lsvr_from_singular_values, z, precision, normalize_rows, check_finite)
 
 
 def effective_rank(
@@ -390,9 +395,7 @@ def effective_rank(
         >>> round(float(effective_rank(torch.eye(4))), 4)
         4.0
     """
-    return singular_value_entropy(
-        z, precision=precision, normalize_rows=normalize_rows, check_finite=check_finite
-    ).exp()
+    return _of_spectrum(sve_from_singular_values, z, precision, normalize_rows, check_finite).exp()
 
 
 # ----------------------------------------------------------------------------

@@ -399,7 +399,9 @@ def _fit_inputs(
 
 def _fit_loss_config(method: str, loss_config: NMTuneConfig | str | None) -> NMTuneConfig:
     """The regularizer config ``method`` trains with (``"none"`` for the baselines)."""
-    cfg = resolve_config(loss_config, {}, name="loss_config") if method == "nmtune" else NMTuneConfig.from_preset("none")
+    cfg = NMTuneConfig.from_preset("none")
+    if method == "nmtune":
+        cfg = resolve_config(loss_config, {}, name="loss_config")
     # Features are checked once in fit; per-step checks would sync every batch.
     return cfg.replace(check_finite=False, small_batch="skip")
 
