@@ -2,8 +2,8 @@
 
 Public API (re-exports only; see the submodules for details):
 
-* :class:`NMTuneLoss`, :class:`NMTuneRegularizer`, :class:`NMTuneConfig`,
-  :class:`LossComponents` -- the loss (``nmtune.loss``);
+* :class:`NMTuneLoss`, :class:`NMTuneRegularizer`, :class:`LossComponents` -- the loss
+  (``nmtune.loss``); :class:`NMTuneConfig` -- its settings (``nmtune.config``);
 * :class:`NMTuneHead`, :class:`HeadOutput` -- the black-box head (``nmtune.head``);
 * :func:`fit`, :func:`evaluate`, :func:`extract_features`,
   :class:`TuningConfig`, :class:`FitResult` -- black-box tuning (``nmtune.tuning``);
@@ -12,7 +12,9 @@ Public API (re-exports only; see the submodules for details):
   ``Trainer`` integration lives in ``nmtune.integrations``;
 * :func:`symmetric_noise`, :func:`asymmetric_noise`, :func:`pair_flip_noise`,
   :func:`swap_pairs` -- seeded label-noise injection (``nmtune.noise``);
-* :mod:`nmtune.analysis` -- spectra, SVE/LSVR summaries, claim checks, plots;
+* :class:`ReferenceCache` -- the consistency reference F cached per example
+  (``nmtune.reference_cache``);
+* :mod:`nmtune.analysis` -- spectra and SVE/LSVR summaries of your features;
 * :mod:`nmtune.functional` -- every term and metric as a pure function.
 """
 
@@ -20,7 +22,9 @@ from nmtune import analysis, functional, noise
 from nmtune.head import HeadOutput, NMTuneHead
 from nmtune.lora import NMTuneLoraModel, NMTuneLoraOutput, load_lora, wrap_lora
 from nmtune.noise import NoisyLabels, asymmetric_noise, pair_flip_noise, swap_pairs, symmetric_noise
-from nmtune.loss import PRESETS, LossComponents, NMTuneConfig, NMTuneLoss, NMTuneRegularizer
+from nmtune.config import PRESETS, NMTuneConfig
+from nmtune.loss import LossComponents, NMTuneLoss, NMTuneRegularizer
+from nmtune.reference_cache import ReferenceCache
 from nmtune.tuning import FitResult, TuningConfig, evaluate, extract_features, fit
 
 __version__ = "0.1.0"
@@ -47,6 +51,7 @@ __all__ = [
     "pair_flip_noise",
     "swap_pairs",
     "NoisyLabels",
+    "ReferenceCache",
     "functional",
     "noise",
     "analysis",
