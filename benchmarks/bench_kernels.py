@@ -177,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true", help="also time torch.compile(fullgraph=True) (inductor)")
     parser.add_argument("--no-errors", action="store_true", help="skip the accuracy table")
     parser.add_argument("--quick", action="store_true", help="two small shapes, float32, 2 repeats")
-    parser.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--out-dir", type=Path, default=Path("runs/benchmarks"),
+                        help="where the tables go (default: runs/benchmarks under the working directory)")
     args = parser.parse_args(argv)
 
     device = C.setup(args.threads, args.device)

@@ -289,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--tiny", action="store_true", help="random tiny BERT and ViT-Ti: seconds, for the smoke test")
     parser.add_argument("--full-finetuning", action="store_true", help="also time F sources for full fine-tuning")
-    parser.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--out-dir", type=Path, default=Path("runs/benchmarks"),
+                        help="where the tables go (default: runs/benchmarks under the working directory)")
     args = parser.parse_args(argv)
     args.batch = args.batch or (4 if args.tiny else 32)
     args.seq = args.seq or (8 if args.tiny else 64)

@@ -14,7 +14,7 @@ process-wide high-water mark) on the pre-trained all-MiniLM-L6-v2 that the
 
 Usage::
 
-    python benchmarks/bench_lora_memory.py            # all modes, writes results/bench_lora_memory.md
+    python benchmarks/bench_lora_memory.py            # all modes, writes runs/benchmarks/bench_lora_memory.md
 """
 
 from __future__ import annotations
@@ -93,7 +93,8 @@ def _one(mode: str) -> dict[str, float | str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mode", choices=MODES, help="run one mode in this process (used internally)")
-    parser.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--out-dir", type=Path, default=Path("runs/benchmarks"),
+                        help="where the tables go (default: runs/benchmarks under the working directory)")
     args = parser.parse_args(argv)
     if args.mode:
         print(json.dumps(_one(args.mode)))

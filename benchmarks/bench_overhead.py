@@ -268,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lora-batch", type=int, default=16)
     parser.add_argument("--lora-seq", type=int, default=32)
     parser.add_argument("--quick", action="store_true", help="one small shape, tiny encoder, 2 repeats")
-    parser.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--out-dir", type=Path, default=Path("runs/benchmarks"),
+                        help="where the tables go (default: runs/benchmarks under the working directory)")
     args = parser.parse_args(argv)
 
     device = C.setup(args.threads, args.device, malloc=args.malloc)
