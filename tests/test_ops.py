@@ -39,6 +39,14 @@ def _finite_error(fn, device):
         assert "NaN/Inf values (not checked because check_finite=False)" in str(err)
 
 
+def _input_errors(fn, device, dtype, finite_fn=None):
+    """The errors every spectral entry point shares: shape, type, NaN/Inf and precision."""
+    _shape_errors(fn)
+    _finite_error(finite_fn or fn, device)
+    with pytest.raises(ValueError, match="precision.*'float16'"):
+        fn(features(4, 3, device=device, dtype=dtype), precision="float16")
+
+
 def _shape_errors(fn):
     with pytest.raises(ValueError, match=r"1 row\(s\).*at least 2.*\(1, 768\)"):
         fn(torch.randn(1, 768))
@@ -56,10 +64,7 @@ class TestCovarianceLoss(BaseTester):
         assert out.shape == () and out.dtype == _result_dtype(dtype) and out.device.type == device.type and out >= 0
 
     def test_exception(self, device, dtype):
-        _shape_errors(NF.covariance_loss)
-        _finite_error(NF.covariance_loss, device)
-        with pytest.raises(ValueError, match="precision.*'float16'"):
-            NF.covariance_loss(features(4, 3, device=device, dtype=dtype), precision="float16")
+        _input_errors(NF.covariance_loss, device, dtype)
 
     def test_cardinality(self, device, dtype):
         for shape in SHAPES:
@@ -96,8 +101,7 @@ class TestSingularValueLoss(BaseTester):
         assert out.shape == () and out.dtype == _result_dtype(dtype) and -1.0 <= float(out) <= -1.0 / 8
 
     def test_exception(self, device, dtype):
-        _shape_errors(NF.singular_value_loss)
-        _finite_error(NF.singular_value_loss, device)
+        _input_errors(NF.singular_value_loss, device, dtype)
         with pytest.raises(ValueError, match=r"top_k must be in \[1, min\(M, D\)\] = \[1, 3\].*got 4"):
             NF.singular_value_loss(features(8, 3, device=device, dtype=dtype), 4)
 
@@ -153,10 +157,7 @@ class TestSpectrum(BaseTester):
         assert 1 <= float(NF.effective_rank(z)) <= 8 + 1e-5
 
     def test_exception(self, device, dtype):
-        _shape_errors(NF.singular_values)
-        _finite_error(NF.singular_value_entropy, device)
-        with pytest.raises(ValueError, match="precision.*'float16'"):
-            NF.singular_values(features(4, 3, device=device, dtype=dtype), precision="float16")
+        _input_errors(NF.singular_values, device, dtype, finite_fn=NF.singular_value_entropy)
 
     def test_cardinality(self, device, dtype):
         z = features(8, 32, 48, device=device, dtype=dtype)
@@ -312,6 +313,9 @@ class TestNMTuneRegularizer(BaseTester):
         bad[0, 0] = float("inf")
         with pytest.raises(ValueError, match="Inf"):
             reg(bad, f)
+        bad[1, 1] = float("nan")
+        with pytest.raises(ValueError, match=r"NaN/Inf values \(not checked because check_finite=False\)"):
+            NMTuneRegularizer(check_finite=False)(bad, f)
         with pytest.raises(ValueError, match="gather_distributed"):  # needs an initialised process group
             NMTuneRegularizer(gather_distributed=True)(z, f)
 
@@ -483,6 +487,9 @@ class TestNMTuneHead(BaseTester):
             NMTuneHead(16, 4, mlp=False, residual=True)
         with pytest.raises(TypeError, match="dropout must be a real number; got True"):
             NMTuneHead(16, 4, dropout=True)
+        for flag in ("mlp", "batch_norm", "residual"):
+            with pytest.raises(TypeError, match=f"{flag} must be a bool; got 'yes'"):
+                NMTuneHead(16, 4, **{flag: "yes"})
 
     def test_cardinality(self, device, dtype):
         head = NMTuneHead.from_preset("official", 16, 4).to(device, dtype).eval()

@@ -138,3 +138,14 @@ def test_fit_with_top_k_keeps_every_sample_on_a_short_trailing_batch() -> None:
     x, y = _data(n=51)
     res = fit(x, y, "nmtune", config=FAST, loss_config=NMTuneConfig(top_k=5))
     assert len(res.history) == 2 and all(np.isfinite(h["loss"]) for h in res.history)
+
+
+@pytest.mark.parametrize(
+    "where, call",
+    [("loss_config", lambda: fit(torch.randn(16, 4), torch.arange(16) % 2, "nmtune", config=FAST, loss_config=3)),
+     ("config", lambda: NMTuneLoss(config=3.5)),
+     ("config", lambda: NMTuneRegularizer(config=[1]))],  # wrap_lora's: tests/test_lora_api.py
+)
+def test_every_config_argument_names_the_accepted_types(where, call) -> None:
+    with pytest.raises(TypeError, match=f"{where} must be an NMTuneConfig, a preset name or None; got"):
+        call()
