@@ -318,14 +318,20 @@ def claims_markdown(claims: Sequence[Mapping[str, Any]]) -> str:
         >>> print(claims_markdown([c]).splitlines()[2])
         | c | **reproduced** | +1.00 | [+0.50, +1.50] | [-, -] | [+0.10, +2.00] | points | 3 x 3 | e |
     """
+    paper = any("paper_verdict" in c for c in claims)
     lines = ["| paper claim | verdict | estimate | 95% CI | bootstrap part | t part | unit "
-             "| seeds (pre-train x tune) | evidence |", "|---|---|---|---|---|---|---|---|---|"]
+             "| seeds (pre-train x tune) | evidence |" + (" paper recipe: verdict, estimate [CI] |" if paper else ""),
+             "|---|---|---|---|---|---|---|---|---|" + ("---|" if paper else "")]
     for c in claims:
         u = c["unit"]
         v = c["verdict"] if c["verdict"] == "inconclusive" else f"**{c['verdict']}**"
         ci, boot, t = ((_fmt_num(c.get(f"{k}_low"), u), _fmt_num(c.get(f"{k}_high"), u)) for k in ("ci", "boot", "t"))
-        lines.append(f"| {c['claim']} | {v} | {_fmt_num(c['estimate'], u)} | [{ci[0]}, {ci[1]}] | [{boot[0]}, "
-                     f"{boot[1]}] | [{t[0]}, {t[1]}] | {u} | {c['n_pretrain']} x {c['n_tune']} | {c['evidence']} |")
+        row = (f"| {c['claim']} | {v} | {_fmt_num(c['estimate'], u)} | [{ci[0]}, {ci[1]}] | [{boot[0]}, "
+               f"{boot[1]}] | [{t[0]}, {t[1]}] | {u} | {c['n_pretrain']} x {c['n_tune']} | {c['evidence']} |")
+        if paper:
+            row += (f" {c.get('paper_verdict', '-')}: {_fmt_num(c.get('paper_estimate'), u)} "
+                    f"[{_fmt_num(c.get('paper_ci_low'), u)}, {_fmt_num(c.get('paper_ci_high'), u)}] |")
+        lines.append(row)
     return "\n".join(lines)
 
 
@@ -650,23 +656,45 @@ def _section(sec: Mapping[str, Any], out: Any, fig_dir: Any) -> tuple[list[str],
     """Markdown lines, claims and figure paths of one regime."""
     import pathlib
 
+    import _diagnosis as DG
+
     regime = sec["regime"]
-    records = sec["records"]
+    protocols = DG.by_protocol(sec["records"])
+    primary = "selected" if "selected" in protocols else next(iter(protocols))
+    records = protocols[primary]
     gammas = sorted({float(r["gamma"]) for r in records})
     full = max(float(r["fraction"]) for r in records)
-    claims = [dict(c, regime=regime) for c in check_claims(records, backbone=sec.get("backbone"),
-                                                             pretrain_accuracy=sec.get("pretrain_accuracy"))]
+
+    def decide(recs):
+        return [dict(c, regime=regime, protocol=primary) for c in check_claims(
+            recs, backbone=sec.get("backbone"), pretrain_accuracy=sec.get("pretrain_accuracy"))]
+
+    claims = decide(records)
+    if primary != "paper" and "paper" in protocols:
+        claims = DG.merge_protocol_claims(claims, decide(protocols["paper"]))
     summary = summarize_records(records, fraction=full)
     figs = {f"{regime}_forest": plot_forest(claims, fig_dir / f"{regime}_forest.png", title=f"{regime} regime")}
     n = verdict_counts(claims)
     lines = [f"## {regime.capitalize()} regime", "",
              f"**{n['reproduced']} reproduced, {n['contradicted']} contradicted, {n['inconclusive']} inconclusive "
-             f"of {len(claims)} claims.**", "", "### Claims", "", claims_markdown(claims), "",
-             f"![forest](figures/{regime}_forest.png)", ""]
+             f"of {len(claims)} claims** (downstream protocol: {primary}"
+             + (", learning rates selected on a validation split carved from each task's training data; the paper "
+                "recipe's verdict is shown beside each claim" if primary == "selected" else "") + ").", "",
+             "### Claims", "", claims_markdown(claims), "", f"![forest](figures/{regime}_forest.png)", ""]
+    lines += DG.diagnosis_lines(sec, claims, feature_dim=sec.get("feature_dim"),
+                                tune_batch_size=int(sec.get("tune_batch_size") or 0))
     if sec.get("pretrain_accuracy"):
         lines += ["### Pre-training", "", *_pretrain_rows(sec["pretrain_accuracy"]), ""]
-    lines += [f"### Table 1 analogue (mean ± std over pre-training x tuning seeds, {_pct(full)} of the data)", "",
-              *_table1(summary, gammas), ""]
+    if sec.get("pretrain_memorised"):
+        lines += ["Memorisation at the end of pre-training:", "", *DG.memorisation_lines(sec["pretrain_memorised"]), ""]
+    if sec.get("pretrain_curves"):
+        fig = DG.plot_memorisation(sec["pretrain_curves"], fig_dir / f"{regime}_memorisation.png",
+                                   title=f"{regime} pre-training")
+        if fig:
+            figs[f"{regime}_memorisation"] = fig
+            lines += [f"![memorisation](figures/{regime}_memorisation.png)", ""]
+    lines += [f"### Table 1 analogue ({primary} protocol; mean ± std over pre-training x tuning seeds, "
+              f"{_pct(full)} of the data)", "", *_table1(summary, gammas), ""]
     if regime == "supervised":
         bb = _mean_backbone(sec.get("backbone") or {})
         figs["fig2"] = plot_noise_curves({full: summary}, fig_dir / "fig2_noise_vs_accuracy.png")
@@ -727,6 +755,17 @@ def _ablation_lines(abl: Sequence[Mapping[str, Any]], fig_dir, figs) -> list[str
     return lines
 
 
+_PROSE = ("profile_notes", "pretrain_rule")
+
+
+def _profile_lines(settings: Mapping[str, Any]) -> list[str]:
+    """The run's profile; for a reduced one, what differs from the faithful profile; the pre-training rule."""
+    notes = settings.get("profile_notes") or []
+    rule = settings.get("pretrain_rule")
+    return ([f"**Profile: {settings.get('profile', 'custom')}.** " + " ".join(notes), ""] if notes else []) + \
+        ([rule, ""] if rule else [])
+
+
 def write_report(out: Any, sections: Sequence[Mapping[str, Any]], settings: Mapping[str, Any], *, command: str,
                  timing: Mapping[str, Any], language_table: Any = None) -> dict[str, Any]:
     """``report.md``, ``claims.json``, ``results.json`` and the figures of a study run.
@@ -763,7 +802,8 @@ def write_report(out: Any, sections: Sequence[Mapping[str, Any]], settings: Mapp
             + f"; total {sum(wall.values()):.0f}",
             "- CPU time (s, user + system) by stage: " + ", ".join(f"{k} {v:.0f}" for k, v in cpu.items())
             + f"; total {sum(cpu.values()):.0f}",
-            "- settings: " + "; ".join(f"{k} {v}" for k, v in settings.items()), "",
+            "- settings: " + "; ".join(f"{k} {v}" for k, v in settings.items() if k not in _PROSE), "",
+            *_profile_lines(settings),
             "Verdicts: " + "; ".join(f"{r}: {c['reproduced']} reproduced, {c['contradicted']} contradicted, "
                                      f"{c['inconclusive']} inconclusive" for r, c in counts.items()) + ".", "",
             "How claims are decided: " + STATISTICS, ""]
@@ -780,6 +820,12 @@ def write_report(out: Any, sections: Sequence[Mapping[str, Any]], settings: Mapp
               "pretrain_accuracy": {sec["regime"]: {str(g): {str(p): v for p, v in by.items()}
                                                     for g, by in (sec.get("pretrain_accuracy") or {}).items()}
                                     for sec in sections},
+              "pretrain_memorised": {sec["regime"]: {str(g): {str(p): v for p, v in by.items()}
+                                                     for g, by in (sec.get("pretrain_memorised") or {}).items()}
+                                     for sec in sections if sec.get("pretrain_memorised")},
+              "pretrain_curves": {sec["regime"]: {str(g): {str(p): v for p, v in by.items()}
+                                                  for g, by in (sec.get("pretrain_curves") or {}).items()}
+                                  for sec in sections if sec.get("pretrain_curves")},
               "backbone": {sec["regime"]: {str(g): {str(p): {k: v for k, v in b.items() if k != "per_test_set"}
                                                     for p, b in by.items()}
                                            for g, by in (sec.get("backbone") or {}).items()} for sec in sections},

@@ -211,33 +211,56 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, model: str, out_dir: str 
                               pathlib.Path(out_dir), gamma=gamma, pretrain_seed=pretrain_seed, settings=settings)
 
 
-def _data(out: pathlib.Path, tiny: bool) -> tuple[cd.ClipPairs, tuple, list[vd.ImageTask]]:
-    cache = out / "data" / ("data_tiny.pt" if tiny else "data.pt")
+def _data(out: pathlib.Path, tiny: bool, per_font: int | None = None
+          ) -> tuple[cd.ClipPairs, tuple, list[vd.ImageTask]]:
+    name = "data_tiny" if tiny else "data"
+    cache = out / "data" / (f"{name}.pt" if per_font is None else f"{name}_pf{per_font}.pt")
     if cache.exists():
         return torch.load(cache, weights_only=False)
-    data = (cd.offline_pairs(tiny=tiny), cd.offline_val(tiny=tiny), vd.offline_tasks(tiny=tiny))
+    data = (cd.offline_pairs(tiny=tiny, per_font=per_font), cd.offline_val(tiny=tiny), vd.offline_tasks(tiny=tiny))
     cache.parent.mkdir(parents=True, exist_ok=True)
     atomic_save(data, cache)
     return data
 
 
-def _pretrain_all(out: pathlib.Path, pairs, val, gammas, seeds, tiny: bool, progress: bool) -> dict[str, Any]:
-    curves = {}
-    for g in gammas:
-        for s in seeds:
-            run = out / "pretrain" / _tag(g, s)
-            cfg = pc.ClipPretrainConfig(gamma=g, seed=s, epochs=2 if tiny else pc.ClipPretrainConfig.epochs,
-                                        batch_size=16 if tiny else pc.ClipPretrainConfig.batch_size)
-            metrics_file = run / "metrics.json"
-            m = json.loads(metrics_file.read_text()) if metrics_file.exists() else None
-            if m is None or not m["finished"] or m["config"] != dataclasses.asdict(cfg):
-                m = pc.pretrain_clip(pairs, val, run, cfg, progress=progress)
-            curves[_tag(g, s)] = {"gamma": g, "pretrain_seed": s, "loss": [h["loss"] for h in m["history"]],
-                                  "zeroshot_val": [h["zeroshot_val"] for h in m["history"]],
-                                  "num_swapped": m["num_swapped"], "num_pairs": m["num_pairs"],
-                                  "swapped_other_character": m["swapped_other_character"],
-                                  "seconds": m["seconds"], "cpu_seconds": m["cpu_seconds"]}
-    return curves
+def val_chars(tiny: bool) -> str:
+    """The classes of the zero-shot validation split."""
+    return cd._sizes(tiny, None)[0]
+
+
+def _pretrain_one(out: pathlib.Path, pairs, val, g: float, s: int, cfg: pc.ClipPretrainConfig,
+                  progress: bool) -> dict[str, Any]:
+    run = out / "pretrain" / _tag(g, s)
+    metrics_file = run / "metrics.json"
+    m = json.loads(metrics_file.read_text()) if metrics_file.exists() else None
+    if m is None or not m["finished"] or m["config"] != dataclasses.asdict(cfg):
+        m = pc.pretrain_clip(pairs, val, run, cfg, progress=progress)
+    return {"gamma": g, "pretrain_seed": s, "loss": [h["loss"] for h in m["history"]],
+            "zeroshot_val": [h["zeroshot_val"] for h in m["history"]],
+            **{k: [h.get(k) for h in m["history"]] for k in ("memorised", "flipped_clean", "unflipped_accuracy")},
+            "num_swapped": m["num_swapped"], "num_pairs": m["num_pairs"],
+            "swapped_other_character": m["swapped_other_character"],
+            "seconds": m["seconds"], "cpu_seconds": m["cpu_seconds"]}
+
+
+def _clip_config(g: float, s: int, tiny: bool, clip: dict[str, Any]) -> pc.ClipPretrainConfig:
+    base = {"epochs": 2, "batch_size": 16} if tiny else {}
+    return pc.ClipPretrainConfig(gamma=g, seed=s, **(base | {k: v for k, v in clip.items() if k != "per_font"}))
+
+
+def _cell(out: pathlib.Path, tiny: bool, clip: dict[str, Any], g: float, s: int, settings: ev.TuneSettings,
+          progress: bool, threads: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Pre-train and evaluate one CLIP (noise ``g``, seed ``s``); both stages resumable."""
+    if threads:
+        torch.set_num_threads(threads)
+    pairs, val, tasks = _data(out, tiny, clip.get("per_font"))
+    curve = _pretrain_one(out, pairs, val, g, s, _clip_config(g, s, tiny, clip), progress)
+    path = out / "pretrain" / _tag(g, s) / "model.pt"
+    ev_ = _evaluate_backbone(lambda: pc.load_clip(path), tasks, out / "eval" / _tag(g, s), gamma=g,
+                             pretrain_seed=s, settings=settings)
+    if progress:
+        print(f"[contrastive] evaluated {_tag(g, s)}", flush=True)
+    return curve, ev_
 
 
 def run_regime(
@@ -249,6 +272,9 @@ def run_regime(
     tune_seeds: Sequence[int] = (0, 1, 2),
     settings: ev.TuneSettings | None = None,
     progress: bool = False,
+    clip: dict[str, Any] | None = None,
+    jobs: int = 1,
+    threads: int = 1,
 ) -> dict[str, Any]:
     """The contrastive regime (see the module docstring); resumable.
 
@@ -262,6 +288,10 @@ def run_regime(
         settings: what is tuned on the frozen features (default: the paper's recipes,
             ``tune_seeds``, full data; 3 tuning epochs when ``tiny``).
         progress: print a line per pre-training epoch and per evaluated backbone.
+        clip: overrides of :class:`pretrain_clip.ClipPretrainConfig` (``epochs``,
+            ``batch_size``, ``lr``...) and ``per_font`` (renderings per character and font).
+        jobs: processes for the (gamma, seed) cells (results do not depend on it).
+        threads: torch threads in each cell (0: torch's default).
 
     Returns:
         ``{"records", "pretrain", "backbone", "figures", "timing"}``: records in the shared
@@ -275,28 +305,37 @@ def run_regime(
     out.mkdir(parents=True, exist_ok=True)
     if settings is None:
         settings = ev.TuneSettings(seeds=tuple(tune_seeds), epochs=3 if tiny else 30)
+    clip = dict(clip or {})
     t0, c0 = time.time(), _cpu()
-    pairs, val, tasks = _data(out, tiny)
+    _data(out, tiny, clip.get("per_font"))  # rendered once, before the cells read the cache
     t_data, c_data = time.time() - t0, _cpu() - c0
-    curves = _pretrain_all(out, pairs, val, gammas, pretrain_seeds, tiny, progress)
-    t_pre, c_pre = time.time() - t0 - t_data, _cpu() - c0 - c_data
-    evals = {}
-    for g in gammas:
-        for s in pretrain_seeds:
-            path = out / "pretrain" / _tag(g, s) / "model.pt"
-            evals[(g, s)] = _evaluate_backbone(lambda p=path: pc.load_clip(p), tasks,
-                                               out / "eval" / _tag(g, s), gamma=g, pretrain_seed=s, settings=settings)
-            if progress:
-                print(f"[contrastive] evaluated {_tag(g, s)}", flush=True)
+    cells = [(g, s) for g in gammas for s in pretrain_seeds]
+    done: dict[tuple[float, int], tuple[dict, dict]] = {}
+    if jobs > 1 and len(cells) > 1:
+        import concurrent.futures as cf
+        import multiprocessing as mp
+
+        with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+            futures = {pool.submit(_cell, out, tiny, clip, g, s, settings, progress, threads): (g, s)
+                       for g, s in cells}
+            for fut in cf.as_completed(futures):
+                done[futures[fut]] = fut.result()
+    else:
+        for g, s in cells:
+            done[(g, s)] = _cell(out, tiny, clip, g, s, settings, progress, threads)
+    curves = {_tag(g, s): done[(g, s)][0] for g, s in cells}
+    evals = {(g, s): done[(g, s)][1] for g, s in cells}
     records = [r for e in evals.values() for r in e["records"]]
     backbone = _backbone_by_gamma(evals, records)
-    timing = {"data_seconds": t_data, "pretrain_seconds": t_pre, "evaluate_seconds": time.time() - t0 - t_data - t_pre,
+    # pre-training and evaluation overlap across the cells' processes: their own seconds are recorded
+    timing = {"data_seconds": t_data, "cells_seconds": time.time() - t0 - t_data,
               "cpu_seconds_this_call": _cpu() - c0,
               "pretrain_cpu_seconds_recorded": sum(c["cpu_seconds"] for c in curves.values()),
               "evaluate_cpu_seconds_recorded": sum(e["cpu_seconds"] for e in evals.values())}
     figures = _figures(out / "figures", records, backbone, curves)
     (out / "results.md").write_text(results_markdown(records, backbone, curves, timing))
-    result = {"records": records, "pretrain": curves, "backbone": backbone, "figures": figures, "timing": timing}
+    result = {"records": records, "pretrain": curves, "backbone": backbone, "figures": figures, "timing": timing,
+              "feature_dim": pc.MODEL_CONFIG["embed_dim"], "chance": 1 / len(val_chars(tiny))}
     (out / "records.json").write_text(json.dumps(
         {**result, "backbone": {str(g): b for g, b in backbone.items()}}, indent=1))
     return result

@@ -54,6 +54,10 @@ from nmtune.noise import symmetric_noise  # noqa: E402
 __all__ = [
     "task_features",
     "subsample",
+    "validation_split",
+    "lr_grid",
+    "select_lr",
+    "regularizer_scale",
     "TuneSettings",
     "tune_and_score",
     "backbone_metrics",
@@ -124,6 +128,12 @@ def subsample(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
     return torch.sort(torch.cat(keep)).values
 
 
+PROTOCOLS = ("selected", "paper")
+#: The learning-rate grid of the ``selected`` protocol: the paper's value times these
+#: factors (fixed before any result was looked at; one decade each side).
+LR_FACTORS = (0.1, 1.0, 10.0)
+
+
 @dataclasses.dataclass(frozen=True)
 class TuneSettings:
     """What :func:`tune_and_score` runs on cached features.
@@ -139,6 +149,11 @@ class TuneSettings:
             in-domain tasks (seeded by the tuning seed); 0 keeps them clean.
         normalize_rows: Spectral metrics on L2-normalised rows
             (``_common.SPECTRUM_NORMALIZE_ROWS``, shared with the language study).
+        protocols: ``"paper"``: the paper's learning rate; ``"selected"``: the learning
+            rate of :data:`LR_FACTORS` x the paper's with the best accuracy on a validation
+            split carved from the task's training data (:func:`validation_split`), chosen
+            before any test set is read. Each record names its ``protocol`` and ``lr``.
+        val_fraction: Share of each class's training rows held out for the selection.
     """
 
     methods: tuple[str, ...] = METHODS
@@ -149,15 +164,21 @@ class TuneSettings:
     batch_size: int = 256
     label_noise: float = 0.0
     normalize_rows: bool = SPECTRUM_NORMALIZE_ROWS
+    protocols: tuple[str, ...] = ("paper",)
+    val_fraction: float = 0.2
 
     def __post_init__(self) -> None:
-        for name in ("methods", "seeds", "fractions"):
+        for name in ("methods", "seeds", "fractions", "protocols"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         unknown = sorted(set(self.methods) - set(METHODS))
         if unknown or not self.methods:
             raise ValueError(f"methods must be a non-empty subset of {METHODS}; got {self.methods!r}")
+        if not self.protocols or set(self.protocols) - set(PROTOCOLS):
+            raise ValueError(f"protocols must be a non-empty subset of {PROTOCOLS}; got {self.protocols!r}")
         if not 0.0 <= self.label_noise < 1.0:
             raise ValueError(f"label_noise must be in [0, 1), got {self.label_noise!r}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction!r}")
 
     def as_record(self) -> dict[str, Any]:
         """The JSON-able form stored in ``results.json`` (the resume check compares it)."""
@@ -165,7 +186,101 @@ class TuneSettings:
         return dict(methods=list(self.methods), seeds=list(self.seeds), fractions=list(self.fractions),
                     epochs=self.epochs, loss_config=cfg if isinstance(cfg, str) else cfg.to_dict(),
                     tune_batch_size=self.batch_size, label_noise=self.label_noise,
-                    normalize_rows=self.normalize_rows)
+                    normalize_rows=self.normalize_rows, protocols=list(self.protocols),
+                    val_fraction=self.val_fraction, lr_factors=list(LR_FACTORS))
+
+    def recipe(self, method: str, seed: int, lr: float | None = None) -> TuningConfig:
+        """The :class:`~nmtune.TuningConfig` of one fit (the paper's learning rate by default)."""
+        return TuningConfig.recipe("vision", method, epochs=self.epochs, seed=seed, batch_size=self.batch_size,
+                                   lr=lr)
+
+
+def validation_split(labels: torch.Tensor, fraction: float = 0.2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A stratified ``(fit, validation)`` split of a task's *training* rows.
+
+    Each class with at least two rows gives ``round(fraction * n)`` of them (at least one,
+    never all) to the validation part. The split depends only on the labels and ``seed``,
+    so every method and every tuning seed of a task is selected on the same rows.
+
+    Example:
+        >>> fit_idx, val_idx = validation_split(torch.arange(20) % 4, 0.25)
+        >>> len(fit_idx), len(val_idx), set(fit_idx.tolist()) & set(val_idx.tolist())
+        (16, 4, set())
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction must be in (0, 1), got {fraction!r}")
+    g = torch.Generator().manual_seed(seed)
+    fit_idx, val_idx = [], []
+    for c in torch.unique(labels):
+        idx = torch.nonzero(labels == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        k = 0 if len(idx) < 2 else min(len(idx) - 1, max(1, round(fraction * len(idx))))
+        val_idx.append(idx[:k])
+        fit_idx.append(idx[k:])
+    return torch.sort(torch.cat(fit_idx)).values, torch.sort(torch.cat(val_idx)).values
+
+
+def lr_grid(method: str) -> tuple[float, ...]:
+    """The learning rates the ``selected`` protocol tries for ``method`` (the paper's value included).
+
+    Example:
+        >>> lr_grid("lp")
+        (0.01, 0.1, 1.0)
+    """
+    paper = TuningConfig.recipe("vision", method).resolved(method)[0]
+    return tuple(float(f"{paper * f:.3g}") for f in LR_FACTORS)
+
+
+def select_lr(x: torch.Tensor, y: torch.Tensor, method: str, *, num_classes: int, settings: TuneSettings,
+              seed: int = 0) -> dict[str, Any]:
+    """The learning rate of :func:`lr_grid` with the best validation accuracy.
+
+    Only the task's training rows ``(x, y)`` come in: they are split by
+    :func:`validation_split`, each learning rate is fitted on the fit part (tuning seed
+    ``seed``) and scored on the validation part. Ties go to the paper's value, then to the
+    smaller rate.
+
+    Returns:
+        ``{"lr": chosen, "val_accuracy": {lr: accuracy}}``.
+    """
+    fit_idx, val_idx = validation_split(y, settings.val_fraction, seed=0)
+    paper = settings.recipe(method, seed).resolved(method)[0]
+    scores: dict[float, float] = {}
+    for lr in lr_grid(method):
+        res = fit(x[fit_idx], y[fit_idx], method, num_classes=num_classes, config=settings.recipe(method, seed, lr),
+                  loss_config=settings.loss_config if method == "nmtune" else None)
+        with torch.no_grad():
+            pred = res.head(x[val_idx]).logits.argmax(-1)
+        scores[lr] = float((pred == y[val_idx]).double().mean())
+    best = max(scores.values())
+    tied = [lr for lr, v in scores.items() if v == best]
+    lr = paper if paper in tied else min(tied)
+    return {"lr": lr, "val_accuracy": {str(k): v for k, v in scores.items()}}
+
+
+def regularizer_scale(history: Sequence[dict[str, float]], loss_config: NMTuneConfig | str) -> dict[str, Any]:
+    """Each NMTune term against the task loss at the first and last epoch of a fit.
+
+    ``history`` is :attr:`nmtune.FitResult.history` (epoch means of the total loss and of
+    each unweighted term). The task loss is the total minus ``lambda_ * sum(weight * term)``;
+    ``unweighted`` is term / task loss, ``weighted`` is ``lambda_ * weight * term`` / task loss.
+
+    Example:
+        >>> h = [{"loss": 1.01, "consistency": 1.0, "covariance": 0.0, "singular_value": 0.0}]
+        >>> regularizer_scale(h, "paper")["first"]["consistency"]["weighted"]
+        0.01
+    """
+    cfg = NMTuneConfig.from_preset(loss_config) if isinstance(loss_config, str) else loss_config
+    weights = {"consistency": cfg.consistency_weight, "covariance": cfg.covariance_weight,
+               "singular_value": cfg.singular_value_weight}
+    out: dict[str, Any] = {}
+    for name, h in (("first", history[0]), ("last", history[-1])):
+        reg = cfg.lambda_ * sum(w * h[t] for t, w in weights.items())
+        task = h["loss"] - reg
+        out[name] = {"task": task, **{t: {"value": h[t], "unweighted": h[t] / task if task else float("nan"),
+                                          "weighted": cfg.lambda_ * w * h[t] / task if task else float("nan")}
+                                      for t, w in weights.items()}}
+    return out
 
 
 def tune_and_score(
@@ -178,13 +293,19 @@ def tune_and_score(
     regime: str = "supervised",
 ) -> list[dict[str, Any]]:
     """Tune each method on cached features for every seed and data fraction; one record
-    per (method, seed, fraction, test domain) in ``_report``'s schema. With ``spectra``
-    given, the singular values of the tuned features ``Z`` on the first test set (first
-    seed, full data) are stored there under the method's name. With
-    ``settings.label_noise`` > 0, the training labels of in-domain tasks get that much
-    symmetric noise (seed ``1000 + seed``)."""
+    per (protocol, method, seed, fraction, test domain) in ``_report``'s schema, with the
+    ``lr`` used and the final training loss (``train_loss``; NMTune rows also carry
+    ``regularizer_scale``). With ``spectra`` given, the singular values of the tuned
+    features ``Z`` on the first test set (first seed, full data, first protocol) are stored
+    there under the method's name. With ``settings.label_noise`` > 0, the training labels
+    of in-domain tasks get that much symmetric noise (seed ``1000 + seed``).
+
+    The ``selected`` protocol picks each method's learning rate (:func:`select_lr`) from
+    the training rows alone, for all methods, before any test set is read."""
     (x, y), k = feats["train"], feats["num_classes"]
     seeds, fractions = settings.seeds, settings.fractions
+    selection = ({m: select_lr(x, y, m, num_classes=k, settings=settings) for m in settings.methods}
+                 if "selected" in settings.protocols else {})
     records = []
     for frac in fractions:
         for seed in seeds:
@@ -193,19 +314,30 @@ def tune_and_score(
             if settings.label_noise > 0 and feats["kind"] == "id":
                 y_fit = symmetric_noise(y_fit, settings.label_noise, num_classes=k, seed=1000 + seed).labels
             for method in settings.methods:
-                cfg = TuningConfig.recipe("vision", method, epochs=settings.epochs, seed=seed,
-                                          batch_size=settings.batch_size)
-                res = fit(x[idx], y_fit, method, num_classes=k, config=cfg,
-                          loss_config=settings.loss_config if method == "nmtune" else None)
-                for dom, (xt, yt) in feats["tests"].items():
-                    m = evaluate(res.head, xt, yt, normalize_rows=settings.normalize_rows)
-                    records.append(dict(regime=regime, gamma=gamma, pretrain_seed=pretrain_seed, method=method,
-                                        kind=feats["kind"], task=feats["name"], domain=dom, seed=seed, fraction=frac,
-                                        **{key: m[key] for key in ("accuracy", "macro_f1", "sve", "lsvr")}))
-                    if spectra is not None and seed == seeds[0] and frac == max(fractions) and method not in spectra:
-                        with torch.no_grad():
-                            z = res.head(xt).features
-                        spectra[method] = spectrum_values(z, normalize_rows=settings.normalize_rows)
+                fits: dict[float, Any] = {}  # one fit per learning rate, shared by the protocols that use it
+                for protocol in settings.protocols:
+                    cfg = settings.recipe(method, seed, selection[method]["lr"] if protocol == "selected" else None)
+                    lr = cfg.resolved(method)[0]
+                    if lr not in fits:
+                        fits[lr] = fit(x[idx], y_fit, method, num_classes=k, config=cfg,
+                                       loss_config=settings.loss_config if method == "nmtune" else None)
+                    res = fits[lr]
+                    extra: dict[str, Any] = {"protocol": protocol, "lr": lr, "train_loss": res.history[-1]["loss"]}
+                    if protocol == "selected":
+                        extra["lr_val_accuracy"] = selection[method]["val_accuracy"]
+                    if method == "nmtune":
+                        extra["regularizer_scale"] = regularizer_scale(res.history, res.loss_config)
+                    for dom, (xt, yt) in feats["tests"].items():
+                        m = evaluate(res.head, xt, yt, normalize_rows=settings.normalize_rows)
+                        records.append(dict(regime=regime, gamma=gamma, pretrain_seed=pretrain_seed, method=method,
+                                            kind=feats["kind"], task=feats["name"], domain=dom, seed=seed,
+                                            fraction=frac, **{key: m[key] for key in ("accuracy", "macro_f1", "sve",
+                                                                                      "lsvr")}, **extra))
+                        if (spectra is not None and seed == seeds[0] and frac == max(fractions)
+                                and protocol == settings.protocols[0] and method not in spectra):
+                            with torch.no_grad():
+                                z = res.head(xt).features
+                            spectra[method] = spectrum_values(z, normalize_rows=settings.normalize_rows)
     return records
 
 

@@ -43,7 +43,8 @@ from _common import atomic_save  # noqa: E402
 
 from nmtune.noise import asymmetric_noise, symmetric_noise  # noqa: E402
 
-__all__ = ["PretrainConfig", "build_backbone", "backbone_features", "pretrain", "load_backbone", "main"]
+__all__ = ["PretrainConfig", "build_backbone", "backbone_features", "memorisation", "pretrain", "load_backbone",
+           "main"]
 
 GLYPH_ARCH = "glyph_resnet"
 
@@ -71,6 +72,7 @@ class PretrainConfig:
     pretrained: bool = False
     noise_type: str = "symmetric"
     noise_classes: tuple[int, ...] = ()
+    memorisation_every: int = 1  # epochs between memorisation passes over the training set; 0: at the end only
 
     def __post_init__(self) -> None:
         self.noise_classes = tuple(int(c) for c in self.noise_classes)
@@ -80,6 +82,8 @@ class PretrainConfig:
             raise ValueError(f"asymmetric noise needs at least 2 noise_classes, got {self.noise_classes!r}")
         if not 0.0 <= self.noise <= 1.0:
             raise ValueError(f"noise must be in [0, 1], got {self.noise!r}")
+        if int(self.memorisation_every) < 0:
+            raise ValueError(f"memorisation_every must be >= 0, got {self.memorisation_every!r}")
         for name in ("epochs", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
@@ -148,6 +152,60 @@ def _accuracy(model: nn.Module, loader: DataLoader, device: torch.device) -> flo
             correct += (model(x).argmax(-1) == y).sum()
             total += len(y)
     return float(correct) / max(total, 1)
+
+
+def memorisation(
+    predictions: torch.Tensor, noisy_labels: torch.Tensor, clean_labels: torch.Tensor, flipped: torch.Tensor
+) -> dict[str, float]:
+    """How far a model has fitted its noisy training labels (Arpit et al.'s memorisation).
+
+    Args:
+        predictions: the model's predicted class of every training example ``(N,)``
+            (eval mode, no augmentation).
+        noisy_labels: the labels it was trained on ``(N,)``.
+        clean_labels: the true labels ``(N,)``.
+        flipped: ``True`` where the noise changed the label ``(N,)``.
+
+    Returns:
+        ``memorised``: the fraction of flipped examples predicted *as their noisy label*
+        (``nan`` without flipped examples); ``flipped_clean``: the fraction of flipped
+        examples still predicted as their true label; ``unflipped_accuracy``: accuracy on
+        the examples whose label was kept; ``noisy_label_accuracy``: accuracy against the
+        noisy labels over all examples.
+
+    Example:
+        >>> y = torch.tensor([0, 1, 2, 3]); noisy = torch.tensor([1, 1, 2, 0])
+        >>> flipped = noisy != y
+        >>> memorisation(noisy, noisy, y, flipped)["memorised"]
+        1.0
+        >>> memorisation(y, noisy, y, flipped)["flipped_clean"]
+        1.0
+    """
+    n = len(noisy_labels)
+    for name, t in (("predictions", predictions), ("clean_labels", clean_labels), ("flipped", flipped)):
+        if t.shape != (n,):
+            raise ValueError(f"{name} must have shape ({n},) like noisy_labels; got {tuple(t.shape)}")
+    flipped = flipped.bool()
+    hit = predictions == noisy_labels
+    k = int(flipped.sum())
+    kept = n - k
+
+    def frac(num: torch.Tensor, den: int) -> float:
+        return float(num.sum()) / den if den else float("nan")
+
+    return {
+        "memorised": frac(hit & flipped, k),
+        "flipped_clean": frac((predictions == clean_labels) & flipped, k),
+        "unflipped_accuracy": frac(hit & ~flipped, kept),
+        "noisy_label_accuracy": frac(hit, n),
+    }
+
+
+@torch.no_grad()
+def _predict(model: nn.Module, loader, device: torch.device) -> torch.Tensor:
+    model.eval()
+    out = [model(x.to(device, non_blocking=True)).argmax(-1).cpu() for x, _ in loader]
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
 
 def pretrain(
@@ -223,6 +281,13 @@ def pretrain(
                             num_workers=config.workers, generator=generator)
     val_loader = (vd.TensorBatches(data.val, 512, None) if vd.tensor_source(data.val) is not None
                   else DataLoader(data.val, batch_size=512, num_workers=config.workers))
+    # the training set in its fixed order, for the memorisation pass (eval mode, noisy labels)
+    train_eval_loader = (vd.TensorBatches(train_ds, 512, None) if vd.tensor_source(train_ds) is not None
+                         else DataLoader(train_ds, batch_size=512, num_workers=config.workers))
+
+    def memorised_now() -> dict[str, float]:
+        return memorisation(_predict(model, train_eval_loader, device), noisy.labels, data.labels, noisy.mask)
+
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9, nesterov=True,
                                 weight_decay=config.weight_decay)
     steps = config.epochs * len(loader)
@@ -288,6 +353,9 @@ def pretrain(
             "val_accuracy": _accuracy(model, val_loader, device),
             "lr": scheduler.get_last_lr()[0],
         }
+        every = config.memorisation_every
+        if (every and (epoch + 1) % every == 0) or epoch + 1 == config.epochs:
+            record.update(memorised_now())
         history.append(record)
         done_here += 1
         if rank == 0:
@@ -313,6 +381,8 @@ def pretrain(
         "finished": epochs_done >= config.epochs,
         "val_accuracy": history[-1]["val_accuracy"] if history else float("nan"),
         "train_noisy_accuracy": history[-1]["train_noisy_accuracy"] if history else float("nan"),
+        **{k: history[-1].get(k, float("nan")) if history else float("nan")
+           for k in ("memorised", "flipped_clean", "unflipped_accuracy", "noisy_label_accuracy")},
         "num_classes": data.num_classes,
         "num_train": len(train_ds),
         "num_noisy": int(noisy.mask.sum()),
@@ -349,13 +419,14 @@ def load_backbone(path: str | os.PathLike, *, arch: str | None = None, map_locat
 
 
 def load_pretrain_data(dataset: str, data_root: str | None, *, image_size: int = 224, tiny: bool = False,
-                       download: bool = False, cache: pathlib.Path | None = None) -> vd.PretrainData:
+                       download: bool = False, cache: pathlib.Path | None = None,
+                       per_char: int = 80) -> vd.PretrainData:
     """``glyphs`` (offline default), ``imagenet``/``imagefolder`` (``root/train``, ``root/val``),
     ``cifar10``/``cifar100``."""
     if dataset == "glyphs":
         if cache is not None and cache.exists():
             return torch.load(cache, weights_only=False)
-        data = vd.offline_pretrain_data(tiny=tiny)
+        data = vd.offline_pretrain_data(tiny=tiny, per_char=per_char)
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)
             atomic_save(data, cache)
@@ -391,10 +462,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "off"])
     p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--per-char", type=int, default=80, help="glyph renderings per character (offline data)")
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--stop-after", type=int, default=None, help="stop after N epochs (testing resume)")
     a = p.parse_args(argv)
-    data = load_pretrain_data(a.dataset, a.data_root, image_size=a.image_size, tiny=a.tiny, download=a.download)
+    data = load_pretrain_data(a.dataset, a.data_root, image_size=a.image_size, tiny=a.tiny, download=a.download,
+                              per_char=a.per_char)
     cfg = PretrainConfig(arch=a.arch, noise=a.noise, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
                          weight_decay=a.weight_decay, seed=a.seed, amp=a.amp, workers=a.workers)
     metrics = pretrain(data, a.out, cfg, stop_after=a.stop_after)

@@ -55,7 +55,7 @@ import noisy_shards as ns  # noqa: E402
 
 __all__ = ["MODEL_NAME", "MODEL_CONFIG", "PRESETS", "ClipPretrainConfig", "register_model_config",
            "write_model_dir", "build_clip", "get_tokenizer", "to_clip_input", "encode_images",
-           "zero_shot_weights", "zero_shot_accuracy", "pretrain_clip", "load_clip",
+           "zero_shot_weights", "zero_shot_accuracy", "caption_memorisation", "pretrain_clip", "load_clip",
            "load_open_clip_checkpoint", "main"]
 
 MODEL_NAME = "nmtune-glyph-clip"
@@ -191,6 +191,49 @@ def zero_shot_accuracy(image_features: torch.Tensor, labels: torch.Tensor, weigh
     return float((logits.argmax(-1) == labels).float().mean())
 
 
+@torch.no_grad()
+def caption_memorisation(model: torch.nn.Module, tokenizer, images: torch.Tensor, noisy_captions: Sequence[str],
+                         clean_captions: Sequence[str], swapped: torch.Tensor, *, batch_size: int = 512
+                         ) -> dict[str, float]:
+    """The contrastive analogue of memorisation: caption retrieval over the training set.
+
+    Every training image ranks every distinct training caption by cosine similarity.
+    A swapped pair (its caption replaced by another image's) is *memorised* when the
+    image's top-ranked caption is the swapped-in caption it was trained with, and
+    still *clean* when it is the image's own caption; an unswapped pair is fitted when
+    its top caption is its own. Identical texts are one caption, so an image whose swapped-in
+    caption happens to equal its own (same character, font and template) counts as both.
+
+    Returns:
+        ``memorised`` (fraction of swapped pairs), ``flipped_clean`` (fraction of swapped
+        pairs retrieving their own caption), ``unflipped_accuracy`` (fraction of unswapped
+        pairs retrieving their caption), ``num_captions`` (distinct captions ranked).
+    """
+    n = len(noisy_captions)
+    if len(clean_captions) != n or len(images) != n or swapped.shape != (n,):
+        raise ValueError(f"images, noisy_captions, clean_captions and swapped must all have {n} rows; got "
+                         f"{len(images)}, {n}, {len(clean_captions)}, {tuple(swapped.shape)}")
+    texts = sorted(set(noisy_captions) | set(clean_captions))
+    index = {t: i for i, t in enumerate(texts)}
+    was = model.training
+    model.eval()
+    txt = torch.cat([model.encode_text(tokenizer(texts[i:i + batch_size])) for i in range(0, len(texts), batch_size)])
+    txt = torch.nn.functional.normalize(txt, dim=-1)
+    img = torch.nn.functional.normalize(encode_images(model, images, batch_size=batch_size), dim=-1)
+    model.train(was)
+    top = torch.cat([(img[i:i + batch_size] @ txt.T).argmax(-1) for i in range(0, n, batch_size)])
+    noisy_idx = torch.tensor([index[t] for t in noisy_captions])
+    clean_idx = torch.tensor([index[t] for t in clean_captions])
+    swapped = swapped.bool()
+    k, kept = int(swapped.sum()), int((~swapped).sum())
+
+    def frac(hit: torch.Tensor, den: int) -> float:
+        return float(hit.sum()) / den if den else float("nan")
+
+    return {"memorised": frac((top == noisy_idx) & swapped, k), "flipped_clean": frac((top == clean_idx) & swapped, k),
+            "unflipped_accuracy": frac((top == noisy_idx) & ~swapped, kept), "num_captions": len(texts)}
+
+
 @dataclasses.dataclass(frozen=True)
 class ClipPretrainConfig:
     """The offline CLIP recipe (AdamW, linear warm-up then cosine, as open_clip_train).
@@ -291,6 +334,8 @@ def pretrain_clip(
     np.random.seed(config.seed)
     random.seed(config.seed)
     captions, manifest = _noisy_captions(pairs, config.gamma, config.seed + 1000)
+    swapped = torch.zeros(len(captions), dtype=torch.bool)
+    swapped[[i for i, _ in manifest["swaps"]]] = True
     (out / "swaps.json").write_text(json.dumps(manifest))
     model = build_clip(seed=config.seed)
     tokenizer = get_tokenizer()
@@ -323,7 +368,8 @@ def pretrain_clip(
         loss = _train_epoch(model, loss_fn, optimizer, scheduler, pairs.images, tokens, config.batch_size, generator)
         zs = zero_shot_accuracy(encode_images(model, vx), vy, zero_shot_weights(model, tokenizer, prompts))
         history.append({"epoch": epoch + 1, "loss": loss, "zeroshot_val": zs,
-                        "logit_scale": float(model.logit_scale.detach().exp())})
+                        "logit_scale": float(model.logit_scale.detach().exp()),
+                        **caption_memorisation(model, tokenizer, pairs.images, captions, pairs.captions, swapped)})
         done += 1
         atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                       "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "history": history,
@@ -332,7 +378,9 @@ def pretrain_clip(
             print(f"[clip g={config.gamma:g} s={config.seed}] epoch {epoch + 1}: loss {loss:.4f} "
                   f"zero-shot val {zs:.4f}", flush=True)
     finished = bool(history) and history[-1]["epoch"] >= config.epochs
+    last = history[-1] if history else {}
     metrics = {"gamma": config.gamma, "seed": config.seed, "finished": finished, "history": history,
+               **{k: last.get(k, float("nan")) for k in ("memorised", "flipped_clean", "unflipped_accuracy")},
                "num_pairs": len(tokens), "num_swapped": manifest["num_swapped"],
                "swapped_other_character": manifest["other_character"],
                "seconds": time.time() - t0, "cpu_seconds": time.process_time() - c0,

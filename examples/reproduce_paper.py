@@ -68,8 +68,30 @@ __all__ = ["ABLATIONS", "main", "run", "write_report"]
 
 GAMMAS = (0.0, 0.05, 0.10, 0.20, 0.30)
 REGIMES = ("supervised", "contrastive", "all")
-ABLATIONS = ("terms", "top_k", "fractions", "label_noise", "asymmetric")
-DEFAULT_ABLATIONS = ("top_k",)  # what the default's budget holds; --full runs all
+ABLATIONS = ("terms", "top_k", "fractions", "label_noise", "asymmetric", "lambda")
+LAMBDAS = (0.0, 1e-3, 1e-2, 1e-1, 1.0)
+#: The two offline profiles. ``faithful`` models the paper's regime: pre-training long
+#: enough to memorise the noisy labels (the rule is in ``PRETRAIN_RULE``), five
+#: pre-training seeds, learning rates selected on a validation split, a CLIP that learned.
+#: ``default`` is the same pipeline reduced to fit 15 minutes on two cores; its report
+#: says at the top what differs.
+PROFILES: dict[str, dict[str, Any]] = {
+    "faithful": dict(gammas=list(GAMMAS), pretrain_seeds=[0, 1, 2, 3, 4], seeds=[0, 1], pretrain_epochs=30,
+                     pretrain_per_char=40, protocols=["selected", "paper"], ablations=["lambda"],
+                     clip=dict(per_font=4, epochs=20, batch_size=64)),
+    "default": dict(gammas=[0.0, 0.1, 0.3], pretrain_seeds=[0, 1, 2], seeds=[0], pretrain_epochs=30,
+                    pretrain_per_char=20, protocols=["selected", "paper"], ablations=[],
+                    clip=dict(per_font=4, epochs=20, batch_size=64)),
+}
+PRETRAIN_RULE = (
+    "Pre-training length, fixed before any downstream result was looked at: the supervised models train for "
+    "the smallest number of epochs in (20, 30, 40) at which a calibration model (noise 30 %, pre-training seed "
+    "100, not a study seed, the faithful profile's data) predicts at least 90 % of its flipped training labels "
+    "as their noisy label at the end of its schedule: 20 epochs: memorised 0.797; 30 epochs: memorised 0.999 "
+    "(`python examples/pretrain.py --noise 0.3 --seed 100 --per-char 40 --epochs E`; metrics in "
+    "`examples/results/calibration/`). The pre-training set is 40 renderings per character, half the 80 of "
+    "the 0.2 study: a smaller set fits its labels in fewer steps, which brings five seeds per noise ratio "
+    "into the budget.")
 RESULTS = HERE / "results"
 
 
@@ -84,13 +106,16 @@ def _ints(text: str) -> list[int]:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/reproduce")
+    p.add_argument("--out", default=None, help="output folder (default runs/reproduce, or runs/reproduce-PROFILE)")
     p.add_argument("--regime", default="supervised", choices=REGIMES,
                    help="supervised (default), contrastive (examples/contrastive.py) or all: one report section each")
+    p.add_argument("--profile", default="default", choices=sorted(PROFILES),
+                   help="default: the reduced study (15 minutes on two cores); faithful: the paper's regime "
+                        "(memorised noisy labels, five pre-training seeds; hours)")
     p.add_argument("--tiny", action="store_true", help="seconds-scale run (tests)")
     p.add_argument("--full", action="store_true", help="run every ablation (%s)" % ", ".join(ABLATIONS))
     p.add_argument("--ablations", nargs="*", default=None, choices=ABLATIONS,
-                   help=f"ablations to run (default {' '.join(DEFAULT_ABLATIONS)}; --full: all)")
+                   help="ablations to run (default: the profile's; --full: all)")
     p.add_argument("--ablation-gamma", type=float, default=10.0, help="noise ratio (%%) of the ablations")
     p.add_argument("--gammas", nargs="+", type=float, default=None, help="noise ratios in %% (default 0 5 10 20 30)")
     p.add_argument("--pretrain-seeds", nargs="+", type=_ints, default=None,
@@ -103,7 +128,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=224, help="image size of the real-data transforms")
     p.add_argument("--task", action="append", default=[],
                    help="downstream task spec (see _vision_data.parse_task_spec); default: the offline tasks")
-    p.add_argument("--pretrain-epochs", type=int, default=None)
+    p.add_argument("--pretrain-epochs", type=int, default=None, help="default: the profile's")
+    p.add_argument("--protocols", nargs="+", default=None, choices=["selected", "paper"],
+                   help="downstream protocols (default: both; claims are decided on the first)")
     p.add_argument("--pretrain-batch-size", type=int, default=128)
     p.add_argument("--pretrain-lr", type=float, default=0.1)
     p.add_argument("--workers", type=int, default=0)
@@ -111,6 +138,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="downstream data fractions of the main table (default 1.0; the fractions ablation "
                         "runs 0.1 0.25 0.5 0.75)")
     p.add_argument("--tune-epochs", type=int, default=30)
+    p.add_argument("--lambdas", nargs="+", type=float, default=None,
+                   help=f"lambda values of the lambda ablation (default {' '.join(map(str, LAMBDAS))})")
     p.add_argument("--tune-batch-size", type=int, default=128)
     p.add_argument("--loss-preset", default="paper")
     p.add_argument("--lora", action="store_true", help="add LoRA and LoRA+NMTune rows (slow on CPU)")
@@ -133,18 +162,34 @@ def _flat(groups: list[list[int]] | None) -> list[int] | None:
 
 
 def _settings(a: argparse.Namespace) -> dict[str, Any]:
-    gammas = [g / 100 for g in a.gammas] if a.gammas else list(GAMMAS)
-    ablations = list(ABLATIONS) if a.full else list(DEFAULT_ABLATIONS if a.ablations is None else a.ablations)
+    prof = PROFILES[a.profile]
+    gammas = [g / 100 for g in a.gammas] if a.gammas else list(prof["gammas"])
+    ablations = list(ABLATIONS) if a.full else list(prof["ablations"] if a.ablations is None else a.ablations)
+    clip = dict(prof["clip"])
     return dict(
+        profile=a.profile,
         gammas=gammas,
-        pretrain_seeds=_flat(a.pretrain_seeds) or ([0, 1] if a.tiny else [0, 1, 2]),
-        seeds=_flat(a.seeds) or ([0, 1] if a.tiny else [0, 1, 2]),
-        pretrain_epochs=a.pretrain_epochs or (2 if a.tiny else 5),
+        pretrain_seeds=_flat(a.pretrain_seeds) or ([0, 1] if a.tiny else list(prof["pretrain_seeds"])),
+        seeds=_flat(a.seeds) or ([0, 1] if a.tiny else list(prof["seeds"])),
+        pretrain_epochs=a.pretrain_epochs or (2 if a.tiny else prof["pretrain_epochs"]),
+        pretrain_per_char=prof["pretrain_per_char"],
         fractions=a.fractions or [1.0],
         tune_epochs=3 if a.tiny and a.tune_epochs == 30 else a.tune_epochs,
+        protocols=list(a.protocols or prof["protocols"]),
         ablations=ablations,
         ablation_gamma=a.ablation_gamma / 100,
+        lambdas=list(a.lambdas or LAMBDAS),
+        clip={} if a.tiny else clip,
     )
+
+
+def _profile_notes(s: dict[str, Any]) -> list[str]:
+    """What this run changes from the faithful profile (nothing for a faithful run)."""
+    faithful = dict(PROFILES["faithful"])
+    diffs = [f"{k} {s[k]} (faithful: {v})" for k, v in faithful.items() if k in s and s[k] != v]
+    if not diffs:
+        return ["The faithful profile: the committed study."] if s.get("profile") == "faithful" else []
+    return [f"Differs from the faithful profile (`--profile faithful`, the committed study) in: {'; '.join(diffs)}."]
 
 
 def _load_tasks(a: argparse.Namespace, cache: pathlib.Path) -> list[vd.ImageTask]:
@@ -189,17 +234,21 @@ class _Clock:
 
 def _tuning(a: argparse.Namespace, s: dict[str, Any], **over: Any) -> ev.TuneSettings:
     base = dict(seeds=s["seeds"], fractions=s["fractions"], epochs=s["tune_epochs"], loss_config=a.loss_preset,
-                batch_size=a.tune_batch_size)
+                batch_size=a.tune_batch_size, protocols=s["protocols"])
     return ev.TuneSettings(**(base | over))
 
 
 def _pretrain_one(a, s, data, pdir: pathlib.Path, gamma: float, seed: int, log, **noise: Any) -> dict[str, Any]:
-    if (pdir / "model.pt").exists() and (pdir / "metrics.json").exists():
-        return json.loads((pdir / "metrics.json").read_text())
-    t0 = time.time()
     cfg = pt.PretrainConfig(arch=a.arch, noise=gamma, epochs=s["pretrain_epochs"], seed=seed,
                             batch_size=16 if a.tiny else a.pretrain_batch_size, lr=a.pretrain_lr, workers=a.workers,
                             **noise)
+    if (pdir / "model.pt").exists() and (pdir / "metrics.json").exists():
+        done = json.loads((pdir / "metrics.json").read_text())
+        if done.get("config") != json.loads(json.dumps(dataclasses.asdict(cfg))):
+            raise ValueError(f"{pdir} holds a model pre-trained with {done.get('config')}, not {cfg}; "
+                             "use another --out (each profile has its own default) or delete the folder")
+        return done
+    t0 = time.time()
     m = pt.pretrain(data, pdir, cfg, progress=not a.no_progress)
     log(f"pretrain gamma={gamma:g} seed={seed}: val acc {m['val_accuracy']:.4f} ({time.time() - t0:.0f} s)")
     return m
@@ -252,10 +301,18 @@ def _run_supervised(a, s, out: pathlib.Path, data, tasks, clock: _Clock, log) ->
         t0, c0 = time.time(), cpu_seconds()
         abl += _ablation(name, a, s, out, data, tasks, records, log)
         clock.stage(f"ablation:{name}", t0, c0)
-    return {"regime": "supervised", "records": records, "ablation_records": abl,
+    width = pt.build_backbone(a.arch, data.num_classes, data.in_chans).num_features
+    return {"regime": "supervised", "records": records, "ablation_records": abl, "feature_dim": width,
+            "tune_batch_size": a.tune_batch_size,
             "backbone": {g: {p: e["backbone"] for p, e in by.items()} for g, by in evals.items()},
             "pretrain_accuracy": {g: {p: m["val_accuracy"] for p, m in by.items()} for g, by in pre.items()},
+            "pretrain_memorised": {g: {p: m["memorised"] for p, m in by.items()} for g, by in pre.items() if g > 0},
+            "pretrain_curves": {g: {p: [{k: h.get(k) for k in _CURVE_KEYS} for h in m["history"]]
+                                    for p, m in by.items()} for g, by in pre.items()},
             "pretrain": pre, "spectra": {g: by[min(by)]["spectra"] for g, by in evals.items()}}
+
+
+_CURVE_KEYS = ("epoch", "train_loss", "val_accuracy", "memorised", "flipped_clean", "unflipped_accuracy")
 
 
 _TERM_VARIANTS = {
@@ -283,6 +340,11 @@ def _ablation_plan(name: str, a, s) -> list[tuple[str, dict[str, Any]]]:
                 for f in (0.1, 0.25, 0.5, 0.75, 1.0)]
     if name == "label_noise":
         return [(f"eta={100 * e:g}%", None if e == 0 else {"label_noise": e}) for e in (0.0, 0.1, 0.3)]
+    if name == "lambda":  # lambda = 0 first: the paired differences are against it (MLP tuning)
+        paper = NMTuneConfig.from_preset(cfg).lambda_
+        return [(f"lambda={lam:g}", None if lam == paper else
+                 {"methods": ("nmtune",), "loss_config": NMTuneConfig.from_preset(cfg, lambda_=lam)})
+                for lam in sorted(s["lambdas"])]
     raise ValueError(f"unknown ablation {name!r}; expected one of {ABLATIONS}")
 
 
@@ -312,14 +374,15 @@ def _ablation(name: str, a, s, out: pathlib.Path, data, tasks, main_records, log
     rows: list[dict[str, Any]] = []
     for variant, over in _ablation_plan(name, a, s):
         if over is None:  # the main run already holds this setting
-            methods = {"terms": ("nmtune",), "top_k": ("nmtune",)}.get(name, ("lp", "mlp", "nmtune"))
+            methods = {"terms": ("nmtune",), "top_k": ("nmtune",), "lambda": ("nmtune",)}.get(
+                name, ("lp", "mlp", "nmtune"))
             keep = [r for r in main_records if r["gamma"] == g and r["method"] in methods
-                    and (name != "label_noise" or r["kind"] == "id")]
+                    and r.get("protocol", "paper") == "paper" and (name != "label_noise" or r["kind"] == "id")]
             rows += [dict(r, ablation=name, variant=variant) for r in keep]
             continue
         for seed in s["pretrain_seeds"]:
             sub = pathlib.Path(_tag(g)) / f"s{seed}"
-            tuning = _tuning(a, s, **over)
+            tuning = _tuning(a, s, **(over | {"protocols": ("paper",)}))  # one knob moves: the paper's recipe
             cache = out / "ablations" / name / sub / (variant.replace("%", "pct").replace(" ", "_") + ".json")
             key = tuning.as_record()
             if cache.exists() and json.loads(cache.read_text())["settings"] == key:
@@ -353,12 +416,14 @@ def _asymmetric(a, s, out: pathlib.Path, data, tasks, main_records, log) -> list
     chars = vd.PRETRAIN_CHARS[:data.num_classes]
     overlap = tuple(i for i, c in enumerate(chars) if c in vd.OOD_CHARS)
     rows = [dict(r, ablation="asymmetric", variant=v) for r in main_records
-            for v, gg in (("clean", 0.0), (f"symmetric {100 * g:g}%", g)) if r["gamma"] == gg]
+            for v, gg in (("clean", 0.0), (f"symmetric {100 * g:g}%", g))
+            if r["gamma"] == gg and r.get("protocol", "paper") == "paper"]
     variant = f"asymmetric {100 * g:g}%"
     for seed in s["pretrain_seeds"]:
         pdir = out / "ablations" / "asymmetric" / _tag(g) / f"s{seed}"
         _pretrain_one(a, s, data, pdir, g, seed, log, noise_type="asymmetric", noise_classes=overlap)
-        res = ev.run_evaluation(pdir / "model.pt", tasks, pdir / "eval", gamma=g, tuning=_tuning(a, s),
+        res = ev.run_evaluation(pdir / "model.pt", tasks, pdir / "eval", gamma=g,
+                                tuning=_tuning(a, s, protocols=("paper",)),
                                 feature_cache=pdir / "features", pretrain_seed=seed)
         rows += [dict(r, ablation="asymmetric", variant=variant) for r in res["records"]]
     return rows
@@ -377,6 +442,14 @@ def _final_accuracy(curves: Any) -> float | None:
         if isinstance(v, (int, float)):
             return float(v)
     return None
+
+
+def _last(values: Any) -> float | None:
+    """The last entry of a per-epoch list (``None`` when there is none)."""
+    if isinstance(values, list):
+        values = [v for v in values if v is not None]
+        return float(values[-1]) if values else None
+    return None if values is None else float(values)
 
 
 def _by_gamma_seed(obj: Any, leaf: Callable[[Any], bool]) -> dict[float, dict[int, Any]]:
@@ -398,7 +471,8 @@ def _contrastive_pretrain(curves: Any) -> dict[float, dict[int, Any]]:
     if runs and all(isinstance(c, dict) and {"gamma", "pretrain_seed"} <= set(c) for c in runs):
         out: dict[float, dict[int, Any]] = {}
         for c in runs:
-            out.setdefault(float(c["gamma"]), {})[int(c["pretrain_seed"])] = {"zeroshot_accuracy": c.get("zeroshot_val")}
+            out.setdefault(float(c["gamma"]), {})[int(c["pretrain_seed"])] = {
+                "zeroshot_accuracy": c.get("zeroshot_val"), "memorised": c.get("memorised")}
         return out
     return _by_gamma_seed(curves, lambda v: _final_accuracy(v) is not None)
 
@@ -421,13 +495,16 @@ def _run_contrastive(a, s, out: pathlib.Path, clock: _Clock, log) -> dict[str, A
     t0, c0 = time.time(), cpu_seconds()
     res = contrastive.run_regime(out / "contrastive", tiny=a.tiny, gammas=tuple(s["gammas"]),
                                  pretrain_seeds=tuple(s["pretrain_seeds"]), tune_seeds=tuple(s["seeds"]),
-                                 settings=_tuning(a, s))
+                                 settings=_tuning(a, s), clip=s["clip"], jobs=a.jobs, threads=a.threads)
     clock.stage("contrastive", t0, c0)
     log(f"contrastive: {len(res['records'])} records ({time.time() - t0:.0f} s)")
     pre = _contrastive_pretrain(res.get("pretrain"))
     return {"regime": "contrastive", "records": [dict(r, regime="contrastive") for r in res["records"]],
+            "feature_dim": res.get("feature_dim"), "tune_batch_size": a.tune_batch_size, "chance": res.get("chance"),
             "ablation_records": [], "backbone": _contrastive_backbone(res.get("backbone")),
             "pretrain_accuracy": {g: {p: _final_accuracy(v) for p, v in by.items()} for g, by in pre.items()},
+            "pretrain_memorised": {g: {p: _last(v.get("memorised")) for p, v in by.items()}
+                                   for g, by in pre.items() if g > 0},
             "pretrain": res.get("pretrain"), "figures": [str(f) for f in res.get("figures", [])], "spectra": {}}
 
 
@@ -437,7 +514,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     if a.threads:
         torch.set_num_threads(a.threads)
     s = _settings(a)
-    out = pathlib.Path(a.out)
+    out = pathlib.Path(a.out or ("runs/reproduce" if a.profile == "default" else f"runs/reproduce-{a.profile}"))
     out.mkdir(parents=True, exist_ok=True)
     log = (lambda msg: None) if a.no_progress else (lambda msg: print(f"[reproduce] {msg}", flush=True))
     clock = _Clock(out / "timing.json", log)
@@ -446,9 +523,10 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     sections = []
     if "supervised" in regimes:
         t0, c0 = time.time(), cpu_seconds()
+        per_char = s["pretrain_per_char"]
         data = pt.load_pretrain_data(a.dataset, a.data_root, image_size=a.image_size, tiny=a.tiny,
-                                     download=a.download,
-                                     cache=out / "data" / "pretrain.pt" if a.dataset == "glyphs" else None)
+                                     download=a.download, per_char=per_char,
+                                     cache=out / "data" / f"pretrain_pc{per_char}.pt" if a.dataset == "glyphs" else None)
         tasks = _load_tasks(a, out / "data" / "tasks.pt")
         clock.stage("data", t0, c0)
         log(f"data: {len(data.train)} pre-training images, {data.num_classes} classes; tasks "
@@ -464,7 +542,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     t0, c0 = time.time(), cpu_seconds()
     command = " ".join(["python examples/reproduce_paper.py", *(
         shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))])
-    result = write_report(out, sections, s, command=command, timing=clock.t,
+    report_settings = dict(s, profile_notes=_profile_notes(s), pretrain_rule=PRETRAIN_RULE if "supervised" in regimes else None)
+    result = write_report(out, sections, report_settings, command=command, timing=clock.t,
                           language_table=(out / "language" / "table.md") if language is not None else None)
     clock.stage("report", t0, c0)
     log(f"report: {out / 'report.md'} ({time.time() - t_all:.0f} s wall, {cpu_seconds() - c_all:.0f} s CPU this call)")

@@ -270,7 +270,7 @@ def _fake_contrastive(calls):
     import types
 
     def run_regime(out_dir, *, tiny=False, gammas=(0.0, 0.05, 0.10, 0.20, 0.30), pretrain_seeds=(0, 1, 2),
-                   tune_seeds=(0, 1, 2), settings=None):
+                   tune_seeds=(0, 1, 2), settings=None, clip=None, jobs=1, threads=1):
         calls.append(dict(out_dir=out_dir, tiny=tiny, gammas=gammas, pretrain_seeds=pretrain_seeds,
                           tune_seeds=tune_seeds, settings=settings))
         recs = []
