@@ -62,3 +62,12 @@ def test_bench_overhead_smoke(tmp_path: Path) -> None:
     text = (tmp_path / "bench_overhead.md").read_text()
     assert "no host sync from nmtune's code in an NMTune step" in text and "| bound/mlp |" in text
     assert "malloc: glibc defaults" in text
+
+
+def test_bench_pretrain_smoke(tmp_path: Path) -> None:
+    code = _run("bench_pretrain.py", "--quick", "--classes", "5", "--out-dir", str(tmp_path))
+    assert code == 0
+    rows = _rows(tmp_path / "bench_pretrain.csv")
+    assert [r["variant"] for r in rows] == ["baseline", "channels_last", "batch256"]
+    assert float(rows[0]["rate/baseline"]) == 1.0
+    assert all(math.isfinite(float(r["images_per_s"])) and float(r["images_per_s"]) > 0 for r in rows)
