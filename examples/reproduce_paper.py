@@ -77,10 +77,12 @@ LAMBDAS = (0.0, 1e-3, 1e-2, 1e-1, 1.0)
 #: says at the top what differs.
 PROFILES: dict[str, dict[str, Any]] = {
     "faithful": dict(gammas=list(GAMMAS), pretrain_seeds=[0, 1, 2, 3, 4], seeds=[0, 1], pretrain_epochs=30,
-                     pretrain_per_char=40, protocols=["selected", "paper"], ablations=["lambda"],
+                     pretrain_per_char=40, pretrain_channels_last=False, protocols=["selected", "paper"],
+                     ablations=["lambda"],
                      clip=dict(per_font=4, epochs=20, batch_size=64)),
     "default": dict(gammas=[0.0, 0.1, 0.3], pretrain_seeds=[0, 1, 2], seeds=[0], pretrain_epochs=30,
-                    pretrain_per_char=20, protocols=["selected", "paper"], ablations=[],
+                    pretrain_per_char=20, pretrain_channels_last=True, protocols=["selected", "paper"],
+                    ablations=[],
                     clip=dict(per_font=4, epochs=20, batch_size=64)),
 }
 PRETRAIN_RULE = (
@@ -173,6 +175,7 @@ def _settings(a: argparse.Namespace) -> dict[str, Any]:
         seeds=_flat(a.seeds) or ([0, 1] if a.tiny else list(prof["seeds"])),
         pretrain_epochs=a.pretrain_epochs or (2 if a.tiny else prof["pretrain_epochs"]),
         pretrain_per_char=prof["pretrain_per_char"],
+        pretrain_channels_last=prof["pretrain_channels_last"],
         fractions=a.fractions or [1.0],
         tune_epochs=3 if a.tiny and a.tune_epochs == 30 else a.tune_epochs,
         protocols=list(a.protocols or prof["protocols"]),
@@ -241,10 +244,12 @@ def _tuning(a: argparse.Namespace, s: dict[str, Any], **over: Any) -> ev.TuneSet
 def _pretrain_one(a, s, data, pdir: pathlib.Path, gamma: float, seed: int, log, **noise: Any) -> dict[str, Any]:
     cfg = pt.PretrainConfig(arch=a.arch, noise=gamma, epochs=s["pretrain_epochs"], seed=seed,
                             batch_size=16 if a.tiny else a.pretrain_batch_size, lr=a.pretrain_lr, workers=a.workers,
-                            **noise)
+                            channels_last=s["pretrain_channels_last"], **noise)
     if (pdir / "model.pt").exists() and (pdir / "metrics.json").exists():
         done = json.loads((pdir / "metrics.json").read_text())
-        if done.get("config") != json.loads(json.dumps(dataclasses.asdict(cfg))):
+        # a config saved before a field existed compares with that field at its default
+        saved = json.loads(json.dumps(dataclasses.asdict(pt.PretrainConfig(**done["config"]))))
+        if saved != json.loads(json.dumps(dataclasses.asdict(cfg))):
             raise ValueError(f"{pdir} holds a model pre-trained with {done.get('config')}, not {cfg}; "
                              "use another --out (each profile has its own default) or delete the folder")
         return done
