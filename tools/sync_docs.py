@@ -190,6 +190,12 @@ def count_text(claims: list[dict[str, Any]]) -> str:
            f"of {len(claims)} claims"
 
 
+def sci(x: float) -> str:
+    """``5e-9``, not ``5e-09``."""
+    mantissa, exponent = f"{x:.0e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
 def minutes(seconds: float) -> str:
     m, s = divmod(round(seconds), 60)
     return f"{m} min {s} s" if m else f"{s} s"
@@ -436,6 +442,16 @@ def r_centred_kernel_cost(res: Results) -> str:
             f"at {worst[1]})")
 
 
+def r_kernel_errors(res: Results) -> str:
+    rows = table_with(section(res.bench(), "bench_kernels: all shapes"), "features", "path", "grad_rel_err")
+    geo = {r["path"]: r for r in rows if r["features"].startswith("geometric")}
+    decay = next(r["features"] for r in rows if r["features"].startswith("geometric")).split()[-1]
+    fast = float(geo["fast"]["grad_rel_err"])
+    return (f"The default path matches a float64 SVD to a loss error of {sci(float(geo['default']['loss_rel_err']))} "
+            f"and a gradient error of {sci(float(geo['default']['grad_rel_err']))} on a spectrum decaying to {decay} "
+            f"(the float32 path: {fast * 100:.0f} % gradient error there)")
+
+
 def _lora_cache(res: Results) -> dict[str, dict[str, str]]:
     rows = table_with(section(res.bench(), "2026-11-23"), "model", "cached/LoRA", "NMTune/LoRA")
     return {r["model"].split()[0]: r for r in rows}
@@ -502,6 +518,7 @@ RENDERERS: dict[str, Callable[[Results], str]] = {
     "perf-table": r_perf_table,
     "official-head": r_official_head,
     "centred-kernel-cost": r_centred_kernel_cost,
+    "kernel-errors": r_kernel_errors,
     "lora-cache": r_lora_cache,
     "lora-cache-cpu": r_lora_cache_cpu,
     "lora-memory": r_lora_memory,
