@@ -270,7 +270,7 @@ def r_seed_stability(res: Results) -> str:
         if c is None or not row[base].endswith(c["verdict"]):
             stale.append(row["claim"])
     if stale or len(rows) != len(committed):
-        return ("the seed-stability comparison in [seed_stability.md](examples/results/seed_stability.md) was made "
+        return ("The seed-stability comparison in [seed_stability.md](examples/results/seed_stability.md) was made "
                 "on an earlier run and no longer matches `claims.json`; rerun it with "
                 "`--seeds 3,4,5 --pretrain-seeds 3,4,5` before quoting it")
     verdict = lambda cell: cell.rsplit(" ", 1)[-1]  # noqa: E731
@@ -278,7 +278,7 @@ def r_seed_stability(res: Results) -> str:
     flips = [r for r in changed if {verdict(r[base]), verdict(r[other])} == {"reproduced", "contradicted"}]
     kinds = sorted({" and ".join(sorted({verdict(r[base]), verdict(r[other])})) for r in changed})
     seeds = other.split(":")[0].replace("seeds ", "")
-    text = f"with other seeds (`--seeds {seeds} --pretrain-seeds {seeds}`) {len(changed)} of {len(rows)} verdicts change"
+    text = f"With other seeds (`--seeds {seeds} --pretrain-seeds {seeds}`) {len(changed)} of {len(rows)} verdicts change"
     if changed:
         text += f" (between {'; '.join(kinds)})"
     text += "; none flips between reproduced and contradicted" if not flips else \
