@@ -173,6 +173,20 @@ def test_ratios_quoted_in_readme_prose_are_in_the_benchmark_results() -> None:
     assert not missing, f"README quotes ratios that benchmarks/RESULTS.md does not hold: {missing}"
 
 
+def test_full_finetuning_ratios_are_the_recorded_ones() -> None:
+    """docs/full_finetuning.md's CPU-time ratios and the copy's memory are those RESULTS.md records."""
+    results = (ROOT / "benchmarks" / "RESULTS.md").read_text()
+    text = (ROOT / "docs" / "full_finetuning.md").read_text()
+    rows = {r["`F` from"]: r for r in sync_docs.table_with(text, "`F` from", "/ fine-tuning, CPU")}
+    recorded = re.search(r"F from a frozen copy ([\d.]+)× \(\+([\d.]+) MB\), from the warm cache ([\d.]+)×, "
+                         r"from the same\s+weights under `no_grad` ([\d.]+)×", results)
+    assert recorded is not None
+    copy, megabytes, cache, same = recorded.groups()
+    assert rows["frozen copy"]["/ fine-tuning, CPU"] == copy and megabytes in rows["frozen copy"]["extra memory"]
+    assert rows["cache (warm)"]["/ fine-tuning, CPU"] == cache
+    assert rows["same weights, `no_grad`"]["/ fine-tuning, CPU"] == same
+
+
 def test_script_tables_name_every_script() -> None:
     examples = (ROOT / "examples" / "README.md").read_text()
     missing = [p.name for p in sorted((ROOT / "examples").glob("*.py")) if f"| `{p.name}` |" not in examples]

@@ -473,6 +473,17 @@ def r_lora_cache_cpu(res: Results) -> str:
            f"reference cache {cached} (CPU-time ratios {cpu})"
 
 
+def r_lora_cache_table(res: Results) -> str:
+    names = {"all-MiniLM-L6-v2": "all-MiniLM-L6-v2", "timm": "ViT-S/16 @ 112 px"}
+    lines = ["| model | LoRA | LoRA + NMTune | cached | cached / LoRA (wall, CPU) | uncached / LoRA (wall, CPU) |",
+             "|---|---|---|---|---|---|"]
+    for key, r in _lora_cache(res).items():
+        lines.append(f"| {names.get(key, r['model'])} | {r['LoRA ms']} ms | {r['LoRA+NMTune ms']} ms | {r['cached ms']} ms "
+                     f"| {r['cached/LoRA']}, {r['CPU-time cached/LoRA']} | {r['NMTune/LoRA']}, "
+                     f"{r['CPU-time NMTune/LoRA']} |")
+    return "\n" + "\n".join(lines) + "\n"
+
+
 def _lora_memory(res: Results) -> dict[str, dict[str, str]]:
     rows = table_with(section(res.bench(), "2026-12-04: peak memory"), "mode", "peak_MiB")
     return {r["mode"]: r for r in rows}
@@ -521,6 +532,7 @@ RENDERERS: dict[str, Callable[[Results], str]] = {
     "kernel-errors": r_kernel_errors,
     "lora-cache": r_lora_cache,
     "lora-cache-cpu": r_lora_cache_cpu,
+    "lora-cache-table": r_lora_cache_table,
     "lora-memory": r_lora_memory,
     "lora-memory-table": r_lora_memory_table,
 }
