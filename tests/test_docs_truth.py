@@ -85,6 +85,14 @@ def test_unpaired_marker_is_an_error() -> None:
         sync_docs.blocks("text <!-- generated:study-runtime --> 13 min")
 
 
+def test_an_inline_block_may_not_start_a_line() -> None:
+    """CommonMark would render such a line as raw HTML, code spans and emphasis included."""
+    with pytest.raises(ValueError, match="starts a line"):
+        sync_docs.blocks("text\n  <!-- generated:study-runtime -->`13` min<!-- /generated:study-runtime -->")
+    assert sync_docs.blocks("took <!-- generated:a -->`13` min<!-- /generated:a -->") == [("a", "`13` min")]
+    assert sync_docs.blocks("<!-- generated:a -->\n| t |\n<!-- /generated:a -->") == [("a", "\n| t |\n")]
+
+
 def test_a_tampered_figure_fails_the_check_naming_its_block(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     root = _copy_checkout(tmp_path)
     readme = root / "README.md"

@@ -548,6 +548,12 @@ def blocks(text: str) -> list[tuple[str, str]]:
     markers = OPEN.findall(text)
     if len(markers) != 2 * len(found):
         raise ValueError(f"unpaired generated-block markers: {markers}")
+    for m in BLOCK.finditer(text):
+        line_start = text.rfind("\n", 0, m.start()) + 1
+        if not m.group("body").startswith("\n") and not text[line_start : m.start()].strip():
+            # A line that starts with "<!--" opens a raw HTML block in CommonMark: the inline text
+            # after it would be shown without its markdown (code spans, emphasis).
+            raise ValueError(f"inline block {m.group('name')!r} starts a line; put a word before it")
     return found
 
 
