@@ -195,6 +195,24 @@ def test_full_finetuning_ratios_are_the_recorded_ones() -> None:
     assert rows["same weights, `no_grad`"]["/ fine-tuning, CPU"] == same
 
 
+def test_language_sizes_and_standard_errors_are_the_recorded_ones() -> None:
+    """docs/language.md's task sizes and binomial standard errors, from the language results.json."""
+    task = json.loads((ROOT / "examples" / "results" / "language" / "results.json").read_text())["tasks"]["wordnet"]
+    text = (ROOT / "docs" / "language.md").read_text()
+    n_ood = sum(task["ood_sets"].values())
+    assert f"That gives {task['n_train']:,} training texts, {task['n_id_test']:,} ID-test and {n_ood:,} OOD-test texts" \
+        in text
+    assert f"{task['num_classes']} noun and verb categories qualify" in text
+    lp = task["methods"]["lp"]
+
+    def se(acc: float, n: int) -> float:
+        return 100 * math.sqrt(acc / 100 * (1 - acc / 100) / n)
+
+    quoted = f"about ±{se(lp['id_acc']['mean'], task['n_id_test']):.1f} points ID and " \
+             f"±{se(lp['ood_acc']['mean'], n_ood):.1f} OOD"
+    assert quoted in text, quoted
+
+
 def test_script_tables_name_every_script() -> None:
     examples = (ROOT / "examples" / "README.md").read_text()
     missing = [p.name for p in sorted((ROOT / "examples").glob("*.py")) if f"| `{p.name}` |" not in examples]
