@@ -278,7 +278,8 @@ def r_seed_stability(res: Results) -> str:
     flips = [r for r in changed if {verdict(r[base]), verdict(r[other])} == {"reproduced", "contradicted"}]
     kinds = sorted({" and ".join(sorted({verdict(r[base]), verdict(r[other])})) for r in changed})
     seeds = other.split(":")[0].replace("seeds ", "")
-    text = f"With other seeds (`--seeds {seeds} --pretrain-seeds {seeds}`) {len(changed)} of {len(rows)} verdicts change"
+    text = f"With other seeds (`--seeds {seeds} --pretrain-seeds {seeds}`) {len(changed)} of {len(rows)} " \
+           "verdicts change"
     if changed:
         text += f" (between {'; '.join(kinds)})"
     text += "; none flips between reproduced and contradicted" if not flips else \
@@ -478,8 +479,8 @@ def r_lora_cache_table(res: Results) -> str:
     lines = ["| model | LoRA | LoRA + NMTune | cached | cached / LoRA (wall, CPU) | uncached / LoRA (wall, CPU) |",
              "|---|---|---|---|---|---|"]
     for key, r in _lora_cache(res).items():
-        lines.append(f"| {names.get(key, r['model'])} | {r['LoRA ms']} ms | {r['LoRA+NMTune ms']} ms | {r['cached ms']} ms "
-                     f"| {r['cached/LoRA']}, {r['CPU-time cached/LoRA']} | {r['NMTune/LoRA']}, "
+        lines.append(f"| {names.get(key, r['model'])} | {r['LoRA ms']} ms | {r['LoRA+NMTune ms']} ms | "
+                     f"{r['cached ms']} ms | {r['cached/LoRA']}, {r['CPU-time cached/LoRA']} | {r['NMTune/LoRA']}, "
                      f"{r['CPU-time NMTune/LoRA']} |")
     return "\n" + "\n".join(lines) + "\n"
 
@@ -508,8 +509,8 @@ def r_lora_memory_table(res: Results) -> str:
         lines.append(f"| {label} | {r['params_M']} M | {r['setup_MiB']} MiB | {r['step_adds_MiB']} MiB | "
                      f"{r['peak_MiB']} MiB |")
     copy_cost = float(m["nmtune_copy"]["setup_MiB"]) - float(m["nmtune"]["setup_MiB"])
-    return "\n" + "\n".join(lines) + f"\n\nA second copy of the backbone costs its whole parameter memory (+{copy_cost:.0f} " \
-           "MiB after setup here).\n"
+    note = f"A second copy of the backbone costs its whole parameter memory (+{copy_cost:.0f} MiB after setup here)."
+    return "\n" + "\n".join(lines) + f"\n\n{note}\n"
 
 
 RENDERERS: dict[str, Callable[[Results], str]] = {
@@ -573,7 +574,9 @@ def sync(root: Path, *, check: bool) -> list[str]:
         text = path.read_text()
         for name, _ in blocks(text):
             if name not in rendered:
-                raise ValueError(f"{path.relative_to(root)}: no renderer for block {name!r} (known: {sorted(rendered)})")
+                raise ValueError(
+                    f"{path.relative_to(root)}: no renderer for block {name!r} (known: {sorted(rendered)})"
+                )
 
         def replace(m: re.Match[str]) -> str:
             name, body = m.group("name"), m.group("body")
