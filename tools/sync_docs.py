@@ -237,7 +237,8 @@ def r_supervised_before_after(res: Results) -> str:
     parts = []
     c = res.claim("supervised", "Any noise hurts OOD transfer")
     if c is not None:
-        parts.append(f'"any noise hurts OOD transfer" is {claim_figure(c)} over {c["n_pretrain"]} pre-training seeds')
+        seeds = f' over {c["n_pretrain"]} pre-training seeds' if "n_pretrain" in c else ""
+        parts.append(f'"any noise hurts OOD transfer" is {claim_figure(c)}{seeds}')
     c = res.claim("supervised", "With NMTune the clean pre-trained model is best on ID")
     if c is not None:
         parts.append(f'"with NMTune the clean model is best on ID" is {claim_figure(c)}')
