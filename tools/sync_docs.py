@@ -271,7 +271,7 @@ def r_seed_stability(res: Results) -> str:
         if c is None or not row[base].endswith(c["verdict"]):
             stale.append(row["claim"])
     if stale or len(rows) != len(committed):
-        return ("The seed-stability comparison in [seed_stability.md](examples/results/seed_stability.md) was made "
+        return ("The seed-stability comparison in `examples/results/seed_stability.md` was made "
                 "on an earlier run and no longer matches `claims.json`; rerun it with "
                 "`--seeds 3,4,5 --pretrain-seeds 3,4,5` before quoting it")
     verdict = lambda cell: cell.rsplit(" ", 1)[-1]  # noqa: E731
