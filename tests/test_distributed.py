@@ -7,6 +7,7 @@ compares it with one process on the concatenated batch.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch
 import nmtune.distributed as ND
 from nmtune import NMTuneHead, NMTuneLoss, NMTuneRegularizer
 from nmtune.distributed import all_gather_rows, is_distributed
+from nmtune.testing import HostSyncCounter
 
 WORLD = 2
 D, C = 6, 3
@@ -71,8 +73,12 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             if promise:  # the promise must skip the shape exchange (its host sync) entirely
                 ND._exchange_shapes = _no_exchange
             try:
-                loss = criterion(out.logits, y, out.features, x)
-                loss.backward()
+                # docs: the shape exchange is the gather's one host sync (eager steps only: the
+                # counter's patches of Tensor would be traced by dynamo)
+                syncs = HostSyncCounter()
+                with syncs if fullgraph is None else contextlib.nullcontext():
+                    loss = criterion(out.logits, y, out.features, x)
+                    loss.backward()
             finally:
                 ND._exchange_shapes = exchange
             mean_loss = loss.detach().clone()
@@ -80,6 +86,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             result[name] = {
                 "loss": mean_loss / WORLD,
                 "grads": {k: p.grad.clone() for k, p in model.module.named_parameters()},
+                "host_syncs": syncs.calls,
             }
         # Forward of the gather itself, with known sizes (no shape exchange) and without.
         x, _ = _batch(100 + rank, EQUAL[rank])
@@ -147,6 +154,17 @@ def test_ddp_matches_one_process_on_the_global_batch(ranks: list[dict], case: st
             torch.testing.assert_close(
                 result[case]["grads"][name], grad, rtol=1e-8, atol=1e-12, msg=f"rank {r}, grad of {name}"
             )
+
+
+@pytest.mark.distributed
+def test_host_syncs_of_a_gathered_step(ranks: list[dict]) -> None:
+    """docs/distributed.md and docs/architecture.md: with ``equal_local_batches=True`` a gathered step
+    reads no value on the host; by default the shape exchange adds its one read (the loss's own
+    ``check_finite`` adds another)."""
+    for r, result in enumerate(ranks):
+        assert result["equal_promised"]["host_syncs"] == ["__bool__"], f"rank {r}"  # check_finite only
+        exchange = [c for c in result["equal"]["host_syncs"] if c != "__bool__"]
+        assert exchange == ["tolist"] * WORLD, f"rank {r}: {result['equal']['host_syncs']}"
 
 
 @pytest.mark.distributed
