@@ -391,13 +391,23 @@ def _plot_curves(curves, path: pathlib.Path) -> str:
     return rp.save_figure(fig, path)
 
 
+def _mean_last(runs: Sequence[dict[str, Any]], key: str) -> str:
+    """Mean over runs of the last value of a per-epoch curve (``-`` when a run has none)."""
+    last = [c[key][-1] for c in runs if c.get(key) and c[key][-1] is not None]
+    return f"{sum(last) / len(last):.3f}" if len(last) == len(runs) and not any(math.isnan(v) for v in last) else "-"
+
+
 def results_markdown(records, backbone, curves, timing) -> str:
     """Tables: ID/OOD accuracy and macro-F1 by gamma and method (mean ± std over pre-training
     x tuning seeds), SVE/LSVR of the frozen features by gamma, pre-training summary."""
-    summary = rp.summarize_records(records)  # std over every pre-trained x tuned model
+    import _diagnosis as DG
+
+    protocols = DG.by_protocol(records)
+    protocol = "selected" if "selected" in protocols else next(iter(protocols))
+    summary = rp.summarize_records(protocols[protocol])  # std over every pre-trained x tuned model
     gammas = sorted({float(r["gamma"]) for r in records})
-    lines = ["## Downstream accuracy (mean ± std over pre-training x tuning seeds; zero-shot: over "
-             "pre-training seeds)", "", "| swapped | method | ID acc | ID F1 | OOD acc | OOD F1 |",
+    lines = [f"## Downstream accuracy ({protocol} protocol; mean ± std over pre-training x tuning seeds; "
+             "zero-shot: over pre-training seeds)", "", "| swapped | method | ID acc | ID F1 | OOD acc | OOD F1 |",
              "|---|---|---|---|---|---|"]
     for g in gammas:
         for m in METHODS:
@@ -417,13 +427,14 @@ def results_markdown(records, backbone, curves, timing) -> str:
                      f"{b.get('ood_lsvr', math.nan):.4f} ± {b.get('ood_lsvr_std', math.nan):.4f} |")
     lines += ["", "## Pre-training (mean over pre-training seeds, last epoch)", "",
               "| swapped | swapped pairs | naming another character | final loss | zero-shot val acc (clean) |"
-              " cpu s per run |", "|---|---|---|---|---|---|"]
+              " memorised | cpu s per run |", "|---|---|---|---|---|---|---|"]
     for g in sorted({c["gamma"] for c in curves.values()}):
         runs = [c for c in curves.values() if c["gamma"] == g]
         mean = lambda f: sum(f(c) for c in runs) / len(runs)  # noqa: E731
         lines.append(f"| {100 * g:g}% | {runs[0]['num_swapped']}/{runs[0]['num_pairs']} | "
                      f"{mean(lambda c: c['swapped_other_character']):.0f} | {mean(lambda c: c['loss'][-1]):.4f} | "
-                     f"{100 * mean(lambda c: c['zeroshot_val'][-1]):.2f} | {mean(lambda c: c['cpu_seconds']):.1f} |")
+                     f"{100 * mean(lambda c: c['zeroshot_val'][-1]):.2f} | {_mean_last(runs, 'memorised')} | "
+                     f"{mean(lambda c: c['cpu_seconds']):.1f} |")
     lines += ["", "Timing (s, this call; stages already done are skipped): " +
               ", ".join(f"{k} {v:.0f}" for k, v in timing.items()), ""]
     return "\n".join(lines)

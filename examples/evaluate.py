@@ -500,7 +500,12 @@ def run_evaluation(
 
 
 def results_markdown(records: Sequence[dict[str, Any]], *, title: str = "") -> str:
-    """Per-task and averaged table (mean ± std over seeds, full data fraction)."""
+    """Per-task and averaged table (mean ± std over seeds, full data fraction; the ``selected``
+    protocol's records when there are several protocols)."""
+    import _diagnosis as DG
+
+    protocols = DG.by_protocol(records)
+    records = protocols["selected" if "selected" in protocols else next(iter(protocols))]
     full = max(float(r["fraction"]) for r in records)
     lines = [f"### {title}" if title else "", "",
              "| method | task | test set | accuracy (%) | macro-F1 (%) | SVE | LSVR |", "|---|---|---|---|---|---|---|"]
