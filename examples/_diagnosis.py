@@ -22,11 +22,16 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["MEMORISED_BAR", "by_protocol", "merge_protocol_claims", "memorisation_stats", "memorisation_lines",
+__all__ = ["MEMORISED_BAR", "ZEROSHOT_TARGET", "by_protocol", "merge_protocol_claims", "memorisation_stats", "memorisation_lines",
            "plot_memorisation", "recipe_stats", "scale_stats", "diagnosis_lines", "draw_decided"]
 
 #: The memorisation the faithful supervised study must reach at its largest noise ratio.
 MEMORISED_BAR = 0.8
+#: The clean CLIP's zero-shot accuracy the faithful contrastive regime aims at: 3.5x the 7.1 %
+#: of the 0.2 study's CLIP and about 27x chance over its 109 classes, reachable in the budget
+#: (calibration runs of the clean CLIP: 26 % after a 15-epoch schedule, 41 % after 30; metrics in
+#: examples/results/calibration/clip_e15 and clip_e30).
+ZEROSHOT_TARGET = 0.25
 
 
 def by_protocol(records: Sequence[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
@@ -229,8 +234,14 @@ def diagnosis_lines(sec: Mapping[str, Any], claims: Sequence[Mapping[str, Any]],
         what = "zero-shot accuracy on the clean validation split" if regime == "contrastive" else \
             "accuracy on the clean validation split"
         chance = sec.get("chance")
-        lines += [f"- **Backbone.** Clean model's {what}: {100 * float(np.mean(clean)):.2f} %"
-                  + (f" (chance {100 * chance:.2f} %)" if chance else "") + "."]
+        value = float(np.mean(clean))
+        target = ""
+        if regime == "contrastive":
+            met = "met" if value >= ZEROSHOT_TARGET else "not met"
+            target = (f" Target {100 * ZEROSHOT_TARGET:g} % (3.5x the 0.2 study's 7.1 %): {met}; a backbone this far "
+                      "above chance has learned features, so the regime no longer tests a near-random network.")
+        lines += [f"- **Backbone.** Clean model's {what}: {100 * value:.2f} %"
+                  + (f" (chance {100 * chance:.2f} %)" if chance else "") + "." + target]
     # 4. regulariser scale
     proto = claims[0].get("protocol", "selected") if claims else "selected"
     sc = scale_stats(records, proto) or scale_stats(records, "paper")

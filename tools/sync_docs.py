@@ -514,7 +514,73 @@ def r_lora_memory_table(res: Results) -> str:
     return "\n" + "\n".join(lines) + f"\n\n{note}\n"
 
 
+def _total(timing: dict[str, dict[str, float]]) -> tuple[float, float]:
+    return sum(timing.get("wall", {}).values()), sum(timing.get("cpu", {}).values())
+
+
+def r_default_runtime(res: Results) -> str:
+    wall, cpu = _total(res.json("examples/results/default/timing.json"))
+    return f"{minutes(wall)} of wall time and {minutes(cpu)} of CPU time (`examples/results/default/timing.json`)"
+
+
+def r_faithful_runtime(res: Results) -> str:
+    wall, cpu = _total(res.timing())
+    return f"{minutes(wall)} of wall time and {minutes(cpu)} of CPU time (`examples/results/timing.json`, all stages)"
+
+
+def _memorised(res: Results, regime: str) -> dict[float, list[float]]:
+    by = res.json("examples/results/results.json").get("pretrain_memorised", {}).get(regime, {})
+    return {float(g): [float(v) for v in seeds.values() if v is not None] for g, seeds in by.items()}
+
+
+def r_memorisation(res: Results) -> str:
+    parts = []
+    for regime, what in (("supervised", "flipped labels predicted as their noisy label"),
+                         ("contrastive", "swapped pairs whose top-ranked training caption is the swapped-in one")):
+        mem = _memorised(res, regime)
+        if not mem:
+            continue
+        each = ", ".join(f"{pct(g)} {sum(v) / len(v):.3f}" for g, v in sorted(mem.items()) if v)
+        parts.append(f"{regime}: {what}, by noise ratio {each} (mean over pre-training seeds)")
+    return "; ".join(parts) if parts else "no memorisation recorded"
+
+
+def r_protocol_verdicts(res: Results) -> str:
+    parts = []
+    for regime in ("supervised", "contrastive"):
+        claims = res.claims(regime)
+        if not claims:
+            continue
+        line = f"{regime}: {count_text(claims)} with selected learning rates"
+        if any("paper_verdict" in c for c in claims):
+            paper = [{"verdict": c["paper_verdict"]} for c in claims if "paper_verdict" in c]
+            line += f", {count_text(paper)} with the paper's"
+        parts.append(line)
+    return "; ".join(parts)
+
+
+def r_nmtune_margins(res: Results) -> str:
+    parts = []
+    for regime in ("supervised", "contrastive"):
+        for kind in ("ID", "OOD"):
+            c = res.claim(regime, f"NMTune beats LP and MLP tuning on {kind} accuracy")
+            if c is None:
+                continue
+            text = f"{regime} {kind} {claim_figure(c)} ({c['verdict']})"
+            if "paper_estimate" in c:
+                paper = {"estimate": c["paper_estimate"], "ci_low": c["paper_ci_low"], "ci_high": c["paper_ci_high"],
+                         "unit": c.get("unit", "points")}
+                text += f", paper recipe {claim_figure(paper)} ({c['paper_verdict']})"
+            parts.append(text)
+    return "; ".join(parts)
+
+
 RENDERERS: dict[str, Callable[[Results], str]] = {
+    "default-runtime": r_default_runtime,
+    "faithful-runtime": r_faithful_runtime,
+    "memorisation": r_memorisation,
+    "protocol-verdicts": r_protocol_verdicts,
+    "nmtune-margins": r_nmtune_margins,
     "supervised-verdicts": r_supervised_verdicts,
     "supervised-counts": r_supervised_counts,
     "supervised-before-after": r_supervised_before_after,
@@ -559,25 +625,29 @@ def blocks(text: str) -> list[tuple[str, str]]:
     return found
 
 
-def render_all(root: Path) -> dict[str, str]:
-    """Every renderer's text for the result files under ``root``."""
+def render_all(root: Path, names: Iterable[str] | None = None) -> dict[str, str]:
+    """The text of each renderer in ``names`` (default: every one) for the result files under ``root``."""
     res = Results(root)
-    return {name: fn(res) for name, fn in RENDERERS.items()}
+    return {name: RENDERERS[name](res) for name in (RENDERERS if names is None else names)}
 
 
 def sync(root: Path, *, check: bool) -> list[str]:
     """Rewrite (or, with ``check``, compare) every block; returns ``FILE: NAME`` for each stale block."""
-    rendered = render_all(root)
+    used: dict[str, None] = {}
+    for path in doc_files(root):
+        if path.exists():
+            for name, _ in blocks(path.read_text()):
+                if name not in RENDERERS:
+                    raise ValueError(
+                        f"{path.relative_to(root)}: no renderer for block {name!r} (known: {sorted(RENDERERS)})"
+                    )
+                used[name] = None
+    rendered = render_all(root, used)
     stale: list[str] = []
     for path in doc_files(root):
         if not path.exists():
             continue
         text = path.read_text()
-        for name, _ in blocks(text):
-            if name not in rendered:
-                raise ValueError(
-                    f"{path.relative_to(root)}: no renderer for block {name!r} (known: {sorted(rendered)})"
-                )
 
         def replace(m: re.Match[str]) -> str:
             name, body = m.group("name"), m.group("body")
