@@ -242,6 +242,50 @@ def test_wordnet_task_from_tiny_files(tmp_path: Path) -> None:
         D.load_wordnet_task(tmp_path, n_train=10, n_test=1, n_ood=1)
 
 
+def test_shipped_wordnet_task(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The task the study runs with no WordNet install: classes, split sizes, disjoint splits, and
+    the same content (dataset_id) as the committed results, which were encoded from Debian's files."""
+    monkeypatch.delenv("NMTUNE_WORDNET_DIR", raising=False)
+    t = D.load_wordnet_task()
+    ood = t.ood["usage_examples"]
+    assert t.name == "wordnet" and t.metric == "accuracy" and list(t.ood) == ["usage_examples"]
+    assert t.num_classes == len(t.label_names) == 35 and len(set(t.label_names)) == 35
+    assert set(t.label_names) <= set(D.LEXNAMES)
+    assert t.label_names[:2] == ("noun.act", "noun.artifact") and t.label_names[-1] == "verb.stative"
+    assert (len(t.train), len(t.id_test), len(ood)) == (3500, 1400, 2100)
+    for split, per_class in ((t.train, 100), (t.id_test, 40), (ood, 60)):
+        assert np.bincount(split.labels, minlength=35).tolist() == [per_class] * 35
+        assert all(text.strip() == text and text for text in split.texts)
+    train, test, usage = set(t.train.texts), set(t.id_test.texts), set(ood.texts)
+    assert not train & test and not train & usage and not test & usage  # no text in two splits
+    assert all('"' not in text for text in t.train.texts + t.id_test.texts)  # definitions lose their quotes
+    assert all(len(text.split()) >= 3 for text in ood.texts)
+    committed = json.loads((EXAMPLES / "results" / "language" / "results.json").read_text(encoding="utf-8"))
+    assert f'"dataset_id": "{t.dataset_id()}"' in json.dumps(committed)
+    assert D.read_wordnet_task(D.WORDNET_TASK_FILE).dataset_id() == t.dataset_id()
+    with pytest.raises(ValueError, match=r"\{'n_train': 20\} needs the WordNet 3.0 database"):
+        D.load_wordnet_task(n_train=20)
+
+
+def test_wordnet_task_file_round_trip(tmp_path: Path) -> None:
+    """Writing the shipped task again gives the same bytes; a damaged file is refused."""
+    import gzip
+
+    with gzip.open(D.WORDNET_TASK_FILE, "rt", encoding="utf-8") as fh:
+        header = json.loads(fh.readline())
+    t = D.read_wordnet_task()
+    out = tmp_path / "task.jsonl.gz"
+    D.write_wordnet_task(t, out, params=header["params"], source=header["source"])
+    assert out.read_bytes() == D.WORDNET_TASK_FILE.read_bytes()
+    lines = gzip.decompress(out.read_bytes()).decode("utf-8").splitlines()
+    lines[5] = lines[5].replace('"label": 0', '"label": 1')
+    out.write_bytes(gzip.compress(("\n".join(lines) + "\n").encode("utf-8")))
+    with pytest.raises(ValueError, match="content gives dataset_id"):
+        D.read_wordnet_task(out)
+    with pytest.raises(FileNotFoundError, match="make_wordnet_task.py"):
+        D.read_wordnet_task(tmp_path / "missing.jsonl.gz")
+
+
 # --------------------------------------------------------------------------- API callable encoder
 class _FakeApi:
     """Deterministic embeddings from the text; fails on chosen call numbers."""
