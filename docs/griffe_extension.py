@@ -26,6 +26,13 @@ class NMTuneDocstrings(griffe.Extension):
     """Rename ``Example:`` sections to ``Examples:`` and show Sphinx roles as code."""
 
     def on_object(self, *, obj: Any, **kwargs: Any) -> None:
-        if obj.docstring is not None:
-            text = _EXAMPLE.sub(r"\1Examples:", obj.docstring.value)
-            obj.docstring.value = _ROLE.sub(_role, text)
+        _fix(obj)
+
+    def on_package(self, *, pkg: Any, **kwargs: Any) -> None:  # the top-level package is no member
+        _fix(pkg)
+
+
+def _fix(obj: Any) -> None:
+    if obj.docstring is not None:
+        text = _EXAMPLE.sub(r"\1Examples:", obj.docstring.value)
+        obj.docstring.value = _ROLE.sub(_role, text)

@@ -62,6 +62,8 @@ def test_site_builds_strictly_offline(tmp_path: Path, offline: list[str]) -> Non
     assert not any(p.startswith("api/nmtune._") or "._" in p for p in pages)  # private modules stay out
     loss = (site / "api" / "nmtune.loss" / "index.html").read_text(encoding="utf-8")
     assert 'id="nmtune.loss.NMTuneLoss"' in loss and "Examples:" in loss
+    root = (site / "api" / "nmtune" / "index.html").read_text(encoding="utf-8")
+    assert "<code>NMTuneLoss</code>" in root and ":class:" not in root  # Sphinx roles shown as code
     # a link from docs/ to a repository file (docs/language.md -> the committed results) is published
     assert (site / "repo" / "examples" / "results" / "language" / "table" / "index.html").is_file()
     assert "../repo/examples/results/language/table/" in (site / "language" / "index.html").read_text(encoding="utf-8")
@@ -75,13 +77,12 @@ def test_new_page_is_in_nav_and_broken_link_fails(tmp_path: Path, offline: list[
     docs = tmp_path / "docs"
     shutil.copytree(ROOT / "docs", docs, ignore=shutil.ignore_patterns("__pycache__"))
     (docs / "zz_new_page.md").write_text("# A page no nav line lists\n\nSee [the method](method.md).\n")
-    _build(tmp_path / "ok", docs)
-    html = (tmp_path / "ok" / "method" / "index.html").read_text(encoding="utf-8")
-    assert "A page no nav line lists" in _nav_titles(html)  # appended to "Guides" by docs/hooks.py
-
-    (docs / "zz_new_page.md").write_text("# A page\n\nSee [nothing](no_such_page.md) and [`x`][nmtune.no_such_name].\n")
+    (docs / "zz_broken.md").write_text("# Broken\n\nSee [nothing](no_such_page.md) and [`x`][nmtune.no_such_name].\n")
+    site = tmp_path / "site"
     with caplog.at_level(logging.WARNING, logger="mkdocs"), pytest.raises(Abort, match="strict mode"):
-        _build(tmp_path / "broken", docs)
-    text = caplog.text
-    assert "no_such_page.md" in text and "nmtune.no_such_name" in text
+        _build(site, docs)
+    assert "no_such_page.md" in caplog.text and "nmtune.no_such_name" in caplog.text
+    assert "zz_new_page.md" not in caplog.text  # the valid new page raised nothing
+    # mkdocs writes the pages before it aborts: the new page is in the nav (end of "Guides")
+    assert "A page no nav line lists" in _nav_titles((site / "method" / "index.html").read_text(encoding="utf-8"))
     assert offline == []
