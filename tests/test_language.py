@@ -286,6 +286,31 @@ def test_wordnet_task_file_round_trip(tmp_path: Path) -> None:
         D.read_wordnet_task(tmp_path / "missing.jsonl.gz")
 
 
+def test_make_wordnet_task_script(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """examples/data/make_wordnet_task.py on a synthetic WordNet folder: the file it writes loads back
+    as the task the Debian-path loader gives, a rebuild is byte-identical, --check spots a change."""
+    sys.path.insert(0, str(EXAMPLES / "data"))
+    import make_wordnet_task as M
+
+    wn = tmp_path / "wordnet"
+    wn.mkdir()
+    noun = ["  1 licence header\n"] + [
+        _wn_line(1000 + 300 * k + i, lex, "n", f"{word}{i}", f'a {word} number {i}; "the {word} seen at {i}"')
+        for k, (lex, word) in enumerate(((6, "artifact"), (13, "food"))) for i in range(210)]
+    (wn / "data.noun").write_text("".join(noun), encoding="utf-8")
+    (wn / "data.verb").write_text(_wn_line(9, 38, "v", "run", 'move fast; "he ran home quickly"'), encoding="utf-8")
+    out = tmp_path / "task.jsonl.gz"
+    assert M.main(["--wordnet-dir", str(wn), "--out", str(out)]) == 0
+    assert "2 classes, train 200, test 80, ood:usage_examples 120" in capsys.readouterr().out
+    t = D.read_wordnet_task(out)
+    ref = D.load_wordnet_task(wn)
+    assert t.dataset_id() == ref.dataset_id() and t.label_names == ("noun.artifact", "noun.food")
+    assert t.train.texts == ref.train.texts and t.ood["usage_examples"].texts == ref.ood["usage_examples"].texts
+    assert M.main(["--wordnet-dir", str(wn), "--out", str(out), "--check"]) == 0
+    out.write_bytes(out.read_bytes() + b"\0")
+    assert M.main(["--wordnet-dir", str(wn), "--out", str(out), "--check"]) == 1
+
+
 # --------------------------------------------------------------------------- API callable encoder
 class _FakeApi:
     """Deterministic embeddings from the text; fails on chosen call numbers."""
