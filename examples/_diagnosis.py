@@ -127,8 +127,8 @@ def plot_memorisation(curves: Mapping[float, Mapping[int, Sequence[Mapping[str, 
         plt.close(fig)
         return None
     axes[0].axhline(MEMORISED_BAR, color="grey", ls=":", lw=1)
-    axes[0].set(xlabel="pre-training epoch", ylabel="memorised fraction of flipped labels", ylim=(0, 1.02))
-    axes[1].set(xlabel="pre-training epoch", ylabel="clean validation accuracy")
+    axes[0].set(xlabel="pre-training epoch", ylabel="memorised fraction (flipped labels / swapped captions)", ylim=(0, 1.02))
+    axes[1].set(xlabel="pre-training epoch", ylabel="clean validation accuracy (zero-shot for CLIP)")
     for ax in axes:
         ax.legend(title="noise", fontsize=8)
         ax.grid(alpha=0.3)

@@ -504,12 +504,19 @@ def _run_contrastive(a, s, out: pathlib.Path, clock: _Clock, log) -> dict[str, A
     clock.stage("contrastive", t0, c0)
     log(f"contrastive: {len(res['records'])} records ({time.time() - t0:.0f} s)")
     pre = _contrastive_pretrain(res.get("pretrain"))
+    curves: dict[float, dict[int, list[dict[str, Any]]]] = {}
+    for c in (res.get("pretrain") or {}).values():
+        if isinstance(c, dict) and {"gamma", "pretrain_seed", "zeroshot_val"} <= set(c):
+            mem = c.get("memorised") or [None] * len(c["zeroshot_val"])
+            curves.setdefault(float(c["gamma"]), {})[int(c["pretrain_seed"])] = [
+                {"epoch": i + 1, "val_accuracy": z, "memorised": m} for i, (z, m) in enumerate(zip(c["zeroshot_val"], mem))]
     return {"regime": "contrastive", "records": [dict(r, regime="contrastive") for r in res["records"]],
             "feature_dim": res.get("feature_dim"), "tune_batch_size": a.tune_batch_size, "chance": res.get("chance"),
             "ablation_records": [], "backbone": _contrastive_backbone(res.get("backbone")),
             "pretrain_accuracy": {g: {p: _final_accuracy(v) for p, v in by.items()} for g, by in pre.items()},
             "pretrain_memorised": {g: {p: _last(v.get("memorised")) for p, v in by.items()}
                                    for g, by in pre.items() if g > 0},
+            "pretrain_curves": curves,
             "pretrain": res.get("pretrain"), "figures": [str(f) for f in res.get("figures", [])], "spectra": {}}
 
 
@@ -564,8 +571,13 @@ def refresh_results(out: pathlib.Path, dest: pathlib.Path) -> None:
     for name in ("report.md", "claims.json", "results.json", "timing.json"):
         if (out / name).exists():
             shutil.copy2(out / name, dest / name)
-    if (out / "figures").exists():
-        shutil.copytree(out / "figures", dest / "figures", dirs_exist_ok=True)
+    for sub in ("figures", "contrastive/figures"):  # replaced whole: no figure of an older run stays behind
+        if (out / sub).exists():
+            shutil.rmtree(dest / sub, ignore_errors=True)
+            shutil.copytree(out / sub, dest / sub)
+    for name in ("contrastive/records.json", "contrastive/results.md"):
+        if (out / name).exists():
+            shutil.copy2(out / name, dest / name)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

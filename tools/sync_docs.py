@@ -233,20 +233,8 @@ def r_supervised_counts(res: Results) -> str:
            f"{n['contradicted']} contradicted, {n['inconclusive']} inconclusive"
 
 
-def r_supervised_before_after(res: Results) -> str:
-    parts = []
-    c = res.claim("supervised", "Any noise hurts OOD transfer")
-    if c is not None:
-        seeds = f' over {c["n_pretrain"]} pre-training seeds' if "n_pretrain" in c else ""
-        parts.append(f'"any noise hurts OOD transfer" is {claim_figure(c)}{seeds}')
-    c = res.claim("supervised", "With NMTune the clean pre-trained model is best on ID")
-    if c is not None:
-        parts.append(f'"with NMTune the clean model is best on ID" is {claim_figure(c)}')
-    return "; ".join(parts)
 
 
-def r_pretrain_epochs(res: Results) -> str:
-    return str(res.settings().get("pretrain_epochs", "?"))
 
 
 def r_contrastive_verdicts(res: Results) -> str:
@@ -351,9 +339,9 @@ def r_contrastive_runtime(res: Results) -> str:
     total = c["pretrain_cpu"] + c["evaluate_cpu"]
     return (f"{total:.0f} s of CPU time in all, as recorded in `records.json`: pre-training {c['pretrain_cpu']:.0f} s "
             f"({c['models']} models, {c['per_model_cpu']:.0f} s each on average) and evaluation "
-            f"{c['evaluate_cpu']:.0f} s, about {total / 60:.0f} minutes on one idle core; in the call that made the "
-            f"committed results (`--regime all`, the pre-trained models already finished) the contrastive stage took "
-            f"{c['stage_wall']:.0f} s wall and {c['stage_cpu']:.0f} s of CPU (`timing.json`)")
+            f"{c['evaluate_cpu']:.0f} s, about {total / 60:.0f} minutes on one core; the contrastive stage of the "
+            f"committed run took {c['stage_wall']:.0f} s wall and {c['stage_cpu']:.0f} s of CPU with `--jobs 2` "
+            f"(`timing.json`, summed over its calls)")
 
 
 _OTHER_REGIMES = ("contrastive", "language")  # stages of timing.json that are not the supervised study
@@ -366,10 +354,6 @@ def _supervised_stages(res: Results) -> tuple[list[tuple[str, float, float]], fl
     return stages, sum(s[1] for s in stages), sum(s[2] for s in stages)
 
 
-def r_study_runtime(res: Results) -> str:
-    _, wall, cpu = _supervised_stages(res)
-    return f"{minutes(wall)} of wall time and {minutes(cpu)} of CPU time (the supervised stages of `timing.json`, " \
-           "summed over the calls that made the committed results)"
 
 
 def r_study_stages(res: Results) -> str:
@@ -583,10 +567,7 @@ RENDERERS: dict[str, Callable[[Results], str]] = {
     "nmtune-margins": r_nmtune_margins,
     "supervised-verdicts": r_supervised_verdicts,
     "supervised-counts": r_supervised_counts,
-    "supervised-before-after": r_supervised_before_after,
-    "pretrain-epochs": r_pretrain_epochs,
     "seed-stability": r_seed_stability,
-    "study-runtime": r_study_runtime,
     "study-stages": r_study_stages,
     "contrastive-verdicts": r_contrastive_verdicts,
     "contrastive-result": r_contrastive_result,
