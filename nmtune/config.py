@@ -19,8 +19,9 @@ from typing import Any
 
 from nmtune import functional as NF
 from nmtune._validation import check_bool, check_choice, check_int, check_real
+from nmtune.distributed import STATISTICS_PATHS
 
-__all__ = ["NMTuneConfig", "PRESETS", "SMALL_BATCH_POLICIES", "DISTRIBUTED_STATISTICS", "RENAMED_FIELDS"]
+__all__ = ["NMTuneConfig", "PRESETS", "SMALL_BATCH_POLICIES", "RENAMED_FIELDS"]
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Section 3.1 of the paper: L = L_CE + 0.01 (L_MSE + L_COV + L_SVD).
@@ -43,9 +44,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 SMALL_BATCH_POLICIES = ("error", "skip")
-
-#: How ``gather_distributed`` forms the global batch's statistics (see docs/distributed.md).
-DISTRIBUTED_STATISTICS = ("auto", "gather", "reduce")
 
 #: The 0.1 field names and the names that replace them (accepted with a warning until 0.3).
 RENAMED_FIELDS = {
@@ -156,7 +154,7 @@ class NMTuneConfig:
         check_choice("consistency_mode", self.consistency_mode, NF.CONSISTENCY_MODES)
         NF.validate_precision(self.precision)
         check_choice("small_batch", self.small_batch, SMALL_BATCH_POLICIES)
-        check_choice("distributed_statistics", self.distributed_statistics, DISTRIBUTED_STATISTICS)
+        check_choice("distributed_statistics", self.distributed_statistics, STATISTICS_PATHS)
         for name in ("check_finite", "gather_distributed", "equal_local_batches", "clamp_top_k"):
             check_bool(name, getattr(self, name))
 

@@ -49,6 +49,7 @@ from torch import Tensor
 
 from nmtune import _kernels
 from nmtune._kernels import Moments
+from nmtune._validation import check_choice
 
 __all__ = ["all_gather_rows", "all_reduce_moments", "global_statistics", "statistics_path", "is_distributed",
            "STATISTICS_PATHS"]
@@ -318,8 +319,7 @@ def statistics_path(statistics: str, rows: int, width: int) -> str:
         >>> statistics_path("auto", 256, 32), statistics_path("auto", 256, 768)
         ('reduce', 'gather')
     """
-    if statistics not in STATISTICS_PATHS:
-        raise ValueError(f"distributed_statistics must be one of {STATISTICS_PATHS}; got {statistics!r}")
+    check_choice("distributed_statistics", statistics, STATISTICS_PATHS)
     if statistics != "auto":
         return statistics
     return "reduce" if rows > width else "gather"
@@ -352,8 +352,7 @@ def global_statistics(
         The gathered rows ``(..., M_global, D)`` or their :class:`~nmtune._kernels.Moments`;
         ``x`` itself in a world of one process.
     """
-    if statistics not in STATISTICS_PATHS:
-        raise ValueError(f"distributed_statistics must be one of {STATISTICS_PATHS}; got {statistics!r}")
+    check_choice("distributed_statistics", statistics, STATISTICS_PATHS)
     world_size = _check_rows(x, "global_statistics", group)
     if world_size == 1:
         return x
