@@ -238,8 +238,57 @@ def centred_energy(xz: Tensor, rows: bool) -> tuple[Tensor, Tensor, Tensor]:
     else:
         gram_c = xz.mT @ xz
         diag = gram_c.diagonal(dim1=-2, dim2=-1)
-        energy = gram_c.square().sum(dim=(-2, -1)) - diag.square().sum(dim=-1)
+        return gram_c, diag, scatter_energy(gram_c, xz.shape[-2])
     return gram_c, diag, energy / (xz.shape[-2] - 1) ** 2
+
+
+def scatter_energy(scatter: Tensor, rows: int) -> Tensor:
+    """``sum_{i != j} C_ij^2`` from the centred ``D x D`` scatter of ``rows`` rows (``C = scatter / (rows - 1)``)."""
+    diag = scatter.diagonal(dim1=-2, dim2=-1)
+    return (scatter.square().sum(dim=(-2, -1)) - diag.square().sum(dim=-1)) / (rows - 1) ** 2
+
+
+class Moments(NamedTuple):
+    """A row set ``(..., M, D)`` summarised by its mean and its centred ``D x D`` scatter.
+
+    What :func:`nmtune.distributed.global_statistics` all-reduces instead of the rows
+    (``distributed_statistics="reduce"``). Every statistic of the regularizers follows:
+    ``C = scatter / (M - 1)``, and the uncentred Gram ``z^T z = scatter + M mean^T mean``
+    (the exact rank-one correction :class:`_GramSpectrum` uses), whose eigenvalues are the
+    squared singular values of the rows.
+
+    Attributes:
+        mean: ``(..., 1, D)`` in the compute dtype.
+        scatter: ``(..., D, D)``, ``sum_i (z_i - mean)^T (z_i - mean)``, same dtype.
+        rows: ``M``, the number of rows summarised.
+    """
+
+    mean: Tensor
+    scatter: Tensor
+    rows: int
+
+    @property
+    def shape(self) -> torch.Size:
+        """The shape ``(..., M, D)`` of the rows summarised."""
+        return torch.Size((*self.scatter.shape[:-2], self.rows, self.scatter.shape[-1]))
+
+    def detach(self) -> Moments:
+        return Moments(self.mean.detach(), self.scatter.detach(), self.rows)
+
+
+def _moment_stats(mom: Moments, singular_values: bool, covariance: bool) -> SpectralStats:
+    """:func:`spectral_stats` from :class:`Moments` (plain autograd: every op is ``D x D``).
+
+    The eigenvalues' gradient is ``V diag(g) V^T`` (no eigenvector term), stable under
+    repeated eigenvalues; unresolved ones get zero gradient as in :class:`_GramSpectrum`.
+    """
+    energy = scatter_energy(mom.scatter, mom.rows) if covariance else None
+    if not singular_values:
+        return SpectralStats(None, energy)
+    g = mom.scatter + mom.rows * (mom.mean.mT @ mom.mean)
+    lam, _ = _eigh(g, False)
+    sigma = _safe_sqrt(lam, _resolved(lam, g.shape[-1])).flip(-1)
+    return SpectralStats(sigma[..., : min(mom.rows, g.shape[-1])], energy)
 
 
 def _offdiag_centred(z: Tensor) -> Tensor:
@@ -248,7 +297,7 @@ def _offdiag_centred(z: Tensor) -> Tensor:
 
 
 def spectral_stats(
-    z: Tensor,
+    z: Tensor | Moments,
     *,
     precision: str = "float64",
     singular_values: bool = True,
@@ -258,7 +307,9 @@ def spectral_stats(
     """Singular values and covariance off-diagonal energy of ``z``.
 
     Args:
-        z: ``(..., M, D)`` floating tensor with ``M >= 2`` (validated by callers).
+        z: ``(..., M, D)`` floating tensor with ``M >= 2`` (validated by callers), or
+            the :class:`Moments` of such rows (already in the compute dtype, which
+            ``precision`` then does not change; ``normalize_rows`` is not available).
         precision: ``"float64"`` (default, accurate) or ``"float32"`` (fast).
         singular_values: Compute the singular values.
         covariance: Compute the off-diagonal covariance energy.
@@ -268,6 +319,11 @@ def spectral_stats(
     Returns:
         :class:`SpectralStats` in the compute dtype.
     """
+    if isinstance(z, Moments):
+        if normalize_rows:
+            raise ValueError("normalize_rows needs the rows themselves, not their Moments")
+        with torch.autocast(device_type=z.mean.device.type, enabled=False):
+            return _moment_stats(z, singular_values, covariance)
     with torch.autocast(device_type=z.device.type, enabled=False):
         if singular_values and not normalize_rows:
             sigma, energy = _GramSpectrum.apply(z, compute_dtype(z.dtype, precision), covariance)

@@ -19,6 +19,7 @@ from typing import Any
 
 from nmtune import functional as NF
 from nmtune._validation import check_bool, check_choice, check_int, check_real
+from nmtune.distributed import STATISTICS_PATHS
 
 __all__ = ["NMTuneConfig", "PRESETS", "SMALL_BATCH_POLICIES", "RENAMED_FIELDS"]
 
@@ -106,6 +107,12 @@ class NMTuneConfig:
             batch sizes (``drop_last=True``) to skip the per-step shape exchange
             and its host sync; a broken promise fails inside the collective
             (gloo) or hangs (NCCL). See docs/distributed.md.
+        distributed_statistics: With ``gather_distributed``, how the global
+            statistics are formed: ``"gather"`` all-gathers the rows
+            (``M_global x D``), ``"reduce"`` all-reduces the global mean and
+            the ``D x D`` scatter about it, ``"auto"`` (default) takes
+            ``"reduce"`` when the global batch has more rows than ``D`` and
+            ``"gather"`` otherwise. Both are exact; see docs/distributed.md.
         small_batch: A batch of fewer than 2 rows (globally, under a gather):
             ``"error"`` (default) or ``"skip"`` (the regularizer is a zero that
             keeps ``z`` in the graph; ``LossComponents.skipped`` is 1; decided
@@ -131,6 +138,7 @@ class NMTuneConfig:
     check_finite: bool = True
     gather_distributed: bool = False
     equal_local_batches: bool = False
+    distributed_statistics: str = "auto"
     small_batch: str = "error"
     clamp_top_k: bool = False
 
@@ -146,6 +154,7 @@ class NMTuneConfig:
         check_choice("consistency_mode", self.consistency_mode, NF.CONSISTENCY_MODES)
         NF.validate_precision(self.precision)
         check_choice("small_batch", self.small_batch, SMALL_BATCH_POLICIES)
+        check_choice("distributed_statistics", self.distributed_statistics, STATISTICS_PATHS)
         for name in ("check_finite", "gather_distributed", "equal_local_batches", "clamp_top_k"):
             check_bool(name, getattr(self, name))
 

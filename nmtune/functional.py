@@ -426,7 +426,7 @@ def nmtune_terms(
     top_k: int = 1,
     consistency_mode: str = "sample",
     precision: str = "float64",
-    statistics_of: Tensor | None = None,
+    statistics_of: Tensor | _kernels.Moments | None = None,
 ) -> Terms:
     """Every NMTune term and metric from one Gram product and one eigendecomposition.
 
@@ -448,7 +448,8 @@ def nmtune_terms(
         consistency_mode: Consistency reduction over features, ``"sample"`` or ``"element"``.
         precision: Spectrum/Gram precision.
         statistics_of: Rows whose covariance and spectrum are taken (the
-            gathered global batch under DDP); defaults to ``z``.
+            gathered global batch under DDP), or their all-reduced mean and
+            scatter (:func:`nmtune.distributed.all_reduce_moments`); defaults to ``z``.
 
     Example:
         >>> t = nmtune_terms(torch.randn(16, 8), torch.randn(16, 8), metrics=True)

@@ -101,7 +101,7 @@ class NMTuneRegularizer(nn.Module):
         if zs.shape[-2] < 2:
             if cfg.small_batch == "skip":
                 return _skipped(z, return_components)
-            NF.validate_features(zs, "z" if zs is z else "the gathered global batch of z")
+            _raise_too_few_rows(zs, z)
         if cfg.uses_singular_value and not cfg.clamp_top_k:
             NF.validate_top_k(cfg.top_k, zs.shape)
         if cfg.check_finite:  # one host sync for both tensors
@@ -135,19 +135,31 @@ def _check_features(cfg: NMTuneConfig, z: object, f: object) -> None:
     _same_device(z=z, f=f)
 
 
-def _statistics_rows(cfg: NMTuneConfig, z: Tensor) -> Tensor:
-    """The rows whose covariance and spectrum are taken: ``z``, or the global batch under a gather."""
+def _statistics_rows(cfg: NMTuneConfig, z: Tensor) -> Tensor | _kernels.Moments:
+    """What the covariance and spectrum are taken from: ``z``, or under ``gather_distributed`` the
+    global batch's rows (gathered) or its mean and ``D x D`` scatter (all-reduced), per
+    ``cfg.distributed_statistics``."""
     if not _gathers(cfg):
         return z
-    from nmtune.distributed import all_gather_rows, is_distributed
+    from nmtune.distributed import global_statistics, is_distributed
 
     if not is_distributed():
         raise ValueError(
             "gather_distributed=True needs an initialised torch.distributed process group "
             "(torchrun + dist.init_process_group, or Accelerate); none is initialised"
         )
-    sizes = [z.shape[-2]] * torch.distributed.get_world_size() if cfg.equal_local_batches else None
-    return all_gather_rows(z, sizes=sizes)
+    return global_statistics(z, statistics=cfg.distributed_statistics, precision=cfg.precision,
+                             equal_local_batches=cfg.equal_local_batches)
+
+
+def _raise_too_few_rows(zs: Tensor | _kernels.Moments, z: Tensor) -> None:
+    """Raise the ``ValueError`` for fewer than 2 rows (local, or global under ``gather_distributed``)."""
+    if isinstance(zs, Tensor):
+        NF.validate_features(zs, "z" if zs is z else "the gathered global batch of z")
+    raise ValueError(
+        f"the global batch of z has {zs.shape[-2]} row(s) across ranks; the batch statistics need at least 2 "
+        f"(global shape {tuple(zs.shape)})"
+    )
 
 
 def _weighted(cfg: NMTuneConfig, z: Tensor, terms: NF.Terms, return_components: bool) -> Tensor | LossComponents:

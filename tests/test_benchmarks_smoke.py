@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -71,3 +73,20 @@ def test_bench_pretrain_smoke(tmp_path: Path) -> None:
     assert [r["variant"] for r in rows] == ["baseline", "channels_last", "batch256"]
     assert float(rows[0]["rate/baseline"]) == 1.0
     assert all(math.isfinite(float(r["images_per_s"])) and float(r["images_per_s"]) > 0 for r in rows)
+
+
+@pytest.mark.distributed
+def test_bench_distributed_smoke(tmp_path: Path) -> None:
+    code = _run("bench_distributed.py", "--quick", "--out-dir", str(tmp_path))
+    assert code == 0  # nonzero also when a count differs from the byte model
+    rows = _rows(tmp_path / "bench_distributed.csv")
+    assert [(r["ranks"], r["M_local"], r["D"], r["auto_path"]) for r in rows] == [
+        ("2", "16", "32", "gather"), ("2", "64", "32", "reduce")]
+    for row in rows:
+        ratios = _ratios(row)
+        assert {"reduce/gather bytes", "auto/gather bytes", "reduce/gather time", "auto/gather time"} <= set(ratios)
+        assert all(math.isfinite(v) and v > 0 for v in ratios.values()), ratios
+    assert float(rows[1]["auto/gather bytes"]) < 1 and rows[1]["auto_bytes"] == rows[1]["reduce_bytes"]
+    model = _rows(tmp_path / "bench_distributed_model.csv")
+    assert {(r["ranks"], r["D"]) for r in model} == {("64", "768"), ("64", "1024"), ("256", "768"), ("256", "1024")}
+    assert "matches every count" in (tmp_path / "bench_distributed.md").read_text()

@@ -52,6 +52,7 @@ def test_config_json_round_trip(preset):
         (dict(precision="half"), ValueError, "precision.*'half'"),
         (dict(check_finite=1), TypeError, "check_finite.*bool"),
         (dict(equal_local_batches="yes"), TypeError, "equal_local_batches.*bool"),
+        (dict(distributed_statistics="allreduce"), ValueError, r"distributed_statistics.*\('auto', 'gather', 'reduce'\).*'allreduce'"),
     ],
 )
 def test_config_validation(kwargs, error, match):
