@@ -80,7 +80,7 @@ PROFILES: dict[str, dict[str, Any]] = {
                      pretrain_per_char=40, pretrain_channels_last=False, protocols=["selected", "paper"],
                      ablations=["lambda"],
                      clip=dict(per_font=4, epochs=20, batch_size=64)),
-    "default": dict(gammas=[0.0, 0.1, 0.3], pretrain_seeds=[0, 1, 2], seeds=[0], pretrain_epochs=30,
+    "default": dict(gammas=list(GAMMAS), pretrain_seeds=[0, 1, 2], seeds=[0, 1], pretrain_epochs=30,
                     pretrain_per_char=20, pretrain_channels_last=True, protocols=["selected", "paper"],
                     ablations=[],
                     clip=dict(per_font=4, epochs=20, batch_size=64)),
