@@ -67,7 +67,7 @@ __all__ = [
 ]
 
 #: Version of the checkpoint layout. 1 (no ``format`` key): epoch boundaries only;
-#: 2: adds ``step``, ``partial``, ``rng_ranks``, ``world_size``.
+#: 2: adds ``step``, ``partial``, ``ranks`` (each rank's ``rng`` and ``partial``), ``world_size``.
 CHECKPOINT_FORMAT = 2
 _KILL_ENV = "NMTUNE_SIGKILL_AFTER_STEP_CHECKPOINT"
 
@@ -341,12 +341,13 @@ class Checkpointer:
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
-        ranks = state.get("rng_ranks")
-        restore_rng(ranks[rank] if ranks is not None and len(ranks) == world else state["rng"], self.generator)
+        ranks = state.get("ranks")
+        mine = ranks[rank] if ranks is not None and len(ranks) == world else state
+        restore_rng(mine["rng"], self.generator)
         if self.log is not None:
             where = f"epoch {state['epoch'] + 1}, step {step}" if step else f"the end of epoch {state['epoch']}"
             self.log(f"[resume] {self.path}: continuing from {where}")
-        return Position(int(state["epoch"]), step, state["history"], state.get("partial") or {})
+        return Position(int(state["epoch"]), step, state["history"], mine.get("partial") or {})
 
     # ------------------------------------------------------------------ saving
     def begin_epoch(self) -> None:
@@ -370,10 +371,12 @@ class Checkpointer:
         world, rank = _dist()
         rng = capture_rng()
         rng["data"] = data_state
+        # each rank's accumulators, on the CPU (``map_location`` puts them back on the device)
+        partial = {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in pos.partial.items()}
         ranks = None
         if world > 1:
             ranks = [None] * world
-            torch.distributed.all_gather_object(ranks, rng)
+            torch.distributed.all_gather_object(ranks, {"rng": rng, "partial": partial})
         if rank == 0:
             state = {
                 "format": CHECKPOINT_FORMAT,
@@ -383,9 +386,9 @@ class Checkpointer:
                 "epoch": pos.epoch,
                 "step": pos.step,
                 "history": pos.history,
-                "partial": pos.partial,
+                "partial": partial,
                 "rng": rng,
-                "rng_ranks": ranks,
+                "ranks": ranks,
                 "world_size": world,
                 "config": self.config,
             }

@@ -16,8 +16,8 @@ and, with ``--checkpoint-every-steps N``, every N optimizer steps together with 
 position in the epoch; running the same command again (or ``torchrun
 --max-restarts K`` restarting a failed group) resumes from it mid-epoch with the
 batches an uninterrupted run would see, and gives bit-identical weights on the same
-hardware (``_train_loop.py``; the cluster recipe is in ``examples/README.md``). ``metrics.json`` holds the pre-training accuracy (clean validation labels)
-for this gamma. AMP (bfloat16/float16) and DDP (``torchrun``) are used when CUDA is
+hardware (``_train_loop.py``; the cluster recipe is in ``examples/README.md``).
+``metrics.json`` holds the pre-training accuracy (clean validation labels) for this gamma. AMP (bfloat16/float16) and DDP (``torchrun``) are used when CUDA is
 present; that path cannot be exercised on a CPU-only machine.
 """
 
