@@ -59,6 +59,7 @@ __all__ = [
     "ResumableSampler",
     "batches_from",
     "capture_rng",
+    "check_every_steps",
     "restore_rng",
     "save_atomic",
     "seed_everything",
@@ -213,6 +214,22 @@ def batches_from(loader: Iterable, step: int) -> Iterable:
                     "or a DataLoader with batch_size whose sampler is a ResumableSampler")
 
 
+def check_every_steps(value: Any, name: str = "every_steps") -> int | None:
+    """``value`` if it is None or an int >= 1; else a ``TypeError`` / ``ValueError`` naming ``name``.
+
+    Example:
+        >>> check_every_steps(500), check_every_steps(None)
+        (500, None)
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int >= 1 or None; got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be an int >= 1 or None; got {value!r}")
+    return value
+
+
 def save_atomic(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` to a temporary file, ``fsync``, then ``os.replace`` onto ``path``:
     a kill (or a power loss) leaves either the old file or the new one, never half a file.
@@ -295,9 +312,7 @@ class Checkpointer:
                  optimizer: torch.optim.Optimizer, scheduler: Any, generator: torch.Generator,
                  steps_per_epoch: int, scaler: Any = None, every_steps: int | None = None,
                  map_location: str | torch.device | None = None, log: Callable[[str], Any] | None = None) -> None:
-        if every_steps is not None and (isinstance(every_steps, bool) or not isinstance(every_steps, int)
-                                        or every_steps < 1):
-            raise ValueError(f"every_steps must be a positive int or None, got {every_steps!r}")
+        check_every_steps(every_steps)
         if steps_per_epoch < 1:
             raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch!r}")
         self.path = pathlib.Path(path)
@@ -320,6 +335,9 @@ class Checkpointer:
         except Exception as err:  # a file from another program, or a truncated copy
             raise RuntimeError(f"{self.path} could not be read as a checkpoint ({type(err).__name__}: {err}); "
                                "move it away to start this run over") from err
+        if not isinstance(state, dict) or not {"model", "optimizer", "epoch", "config", "rng"} <= set(state):
+            raise RuntimeError(f"{self.path} is not a checkpoint of this training loop (expected a dict with model, "
+                               "optimizer, epoch, config and rng); move it away to start this run over")
         fmt = state.get("format", 1)
         if fmt > CHECKPOINT_FORMAT:
             raise ValueError(f"{self.path} has checkpoint format {fmt}; this code reads formats up to "

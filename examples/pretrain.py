@@ -169,6 +169,7 @@ def pretrain(
         >>> d = vd.offline_pretrain_data(tiny=True)
         >>> m = pretrain(d, "/tmp/pt", PretrainConfig(epochs=1), progress=False)  # doctest: +SKIP
     """
+    tl.check_every_steps(checkpoint_every_steps, "checkpoint_every_steps")
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     world, rank, local_rank = _dist_info()

@@ -273,6 +273,7 @@ def pretrain_clip(
         >>> m = pretrain_clip(cd.offline_pairs(tiny=True), cd.offline_val(tiny=True), "/tmp/c",
         ...                   ClipPretrainConfig(epochs=1))  # doctest: +SKIP
     """
+    tl.check_every_steps(checkpoint_every_steps, "checkpoint_every_steps")
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0, c0 = time.time(), time.process_time()

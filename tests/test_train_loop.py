@@ -166,8 +166,13 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path) -> None:
     path.write_bytes(b"not a checkpoint")
     with pytest.raises(RuntimeError, match="could not be read as a checkpoint"):
         _run(path)
-    with pytest.raises(ValueError, match="every_steps must be a positive int or None, got 0"):
+    torch.save({"model": {}}, path)
+    with pytest.raises(RuntimeError, match="is not a checkpoint of this training loop"):
+        _run(path)
+    with pytest.raises(ValueError, match="every_steps must be an int >= 1 or None; got 0"):
         _run(tmp_path / "d.pt", every=0)
+    with pytest.raises(TypeError, match="every_steps must be an int >= 1 or None; got float 2.0"):
+        tl.check_every_steps(2.0)
 
 
 def test_save_atomic_leaves_no_temporary_file(tmp_path) -> None:
