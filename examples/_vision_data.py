@@ -275,9 +275,14 @@ class TensorBatches:
         return -(-n // self.batch_size)
 
     def __iter__(self):
+        return self.iter_from(0)
+
+    def iter_from(self, step: int):
+        """The batches from batch ``step`` on, in the order of a whole pass (the
+        permutation is drawn as in a whole pass; the batches before ``step`` are not built)."""
         n = len(self.labels)
         order = torch.randperm(n, generator=self.generator) if self.generator is not None else torch.arange(n)
-        for i in range(len(self)):
+        for i in range(step, len(self)):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
             yield self.images[idx].float() / 127.5 - 1.0, self.labels[idx]
 

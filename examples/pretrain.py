@@ -11,10 +11,13 @@ Paper scale (ImageNet-1K in ImageFolder layout, ResNet-50, 4 GPUs)::
         --lr 0.1 --noise 0.05 --out runs/in1k/g05
 
 A checkpoint (model, optimizer, scheduler, AMP scaler, epoch, history and every RNG
-state including the data-order generator) is written after each epoch; running the
-same command again resumes from it and gives bit-identical weights on the same
-hardware. ``metrics.json`` holds the pre-training accuracy (clean validation labels)
-for this gamma. AMP (bfloat16/float16) and DDP (``torchrun``) are used when CUDA is
+state of every rank including the data-order generator) is written after each epoch
+and, with ``--checkpoint-every-steps N``, every N optimizer steps together with the
+position in the epoch; running the same command again (or ``torchrun
+--max-restarts K`` restarting a failed group) resumes from it mid-epoch with the
+batches an uninterrupted run would see, and gives bit-identical weights on the same
+hardware (``_train_loop.py``; the cluster recipe is in ``examples/README.md``).
+``metrics.json`` holds the pre-training accuracy (clean validation labels) for this gamma. AMP (bfloat16/float16) and DDP (``torchrun``) are used when CUDA is
 present; that path cannot be exercised on a CPU-only machine.
 """
 
@@ -23,21 +26,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import pathlib
-import random
 import sys
 import time
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, RandomSampler
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
+import _train_loop as tl  # noqa: E402
 import _vision_data as vd  # noqa: E402
 from _common import atomic_save  # noqa: E402
 
@@ -119,25 +120,6 @@ def backbone_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return m.forward_head(m.forward_features(x), pre_logits=True)
 
 
-def _rng_state(generator: torch.Generator) -> dict[str, Any]:
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
-        "data": generator.get_state(),
-    }
-
-
-def _set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    generator.set_state(state["data"])
-
-
 def _dist_info() -> tuple[int, int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     return world, int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
@@ -217,10 +199,12 @@ def pretrain(
     progress: bool = True,
     stop_after: int | None = None,
     device: str | torch.device | None = None,
+    checkpoint_every_steps: int | None = None,
 ) -> dict[str, Any]:
     """Pre-train ``config.arch`` on ``data`` with symmetric label noise ``config.noise``.
 
-    Writes ``out_dir/checkpoint.pt`` after every epoch (resumed automatically),
+    Writes ``out_dir/checkpoint.pt`` after every epoch and every
+    ``checkpoint_every_steps`` optimizer steps (resumed automatically, mid-epoch too),
     ``out_dir/model.pt`` (final weights + metadata), ``out_dir/noisy_labels.pt``
     and ``out_dir/metrics.json``.
 
@@ -232,6 +216,9 @@ def pretrain(
         stop_after: stop after this many epochs *in this call* (simulates an
             interruption; the next call resumes).
         device: default CUDA when available, else CPU.
+        checkpoint_every_steps: also checkpoint every this many optimizer steps
+            (global count); None: after each epoch only. It does not change the
+            result, so it may differ between a run and its resume.
 
     Returns:
         The metrics dict (``val_accuracy``, ``train_noisy_accuracy``, ``noise``,
@@ -241,6 +228,7 @@ def pretrain(
         >>> d = vd.offline_pretrain_data(tiny=True)
         >>> m = pretrain(d, "/tmp/pt", PretrainConfig(epochs=1), progress=False)  # doctest: +SKIP
     """
+    tl.check_every_steps(checkpoint_every_steps, "checkpoint_every_steps")
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     world, rank, local_rank = _dist_info()
@@ -253,9 +241,7 @@ def pretrain(
     if device.type == "cuda":
         torch.cuda.set_device(device)
 
-    torch.manual_seed(config.seed)
-    np.random.seed(config.seed)
-    random.seed(config.seed)
+    tl.seed_everything(config.seed)
     if config.noise_type == "asymmetric":
         noisy = asymmetric_noise(data.labels, config.noise, classes=config.noise_classes, seed=config.seed + 1000)
     else:
@@ -276,12 +262,14 @@ def pretrain(
         from torch.utils.data.distributed import DistributedSampler
 
         sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=config.seed)
-        loader = DataLoader(train_ds, batch_size=config.batch_size, sampler=sampler, drop_last=True,
-                            num_workers=config.workers, pin_memory=device.type == "cuda", generator=generator)
-    else:
+        loader = DataLoader(train_ds, batch_size=config.batch_size, sampler=tl.ResumableSampler(sampler),
+                            drop_last=True, num_workers=config.workers, pin_memory=device.type == "cuda",
+                            generator=generator)
+    else:  # what shuffle=True builds, in a sampler that can start mid-epoch
         sampler = None
-        loader = DataLoader(train_ds, batch_size=config.batch_size, shuffle=True, drop_last=True,
-                            num_workers=config.workers, generator=generator)
+        loader = DataLoader(train_ds, batch_size=config.batch_size,
+                            sampler=tl.ResumableSampler(RandomSampler(train_ds, generator=generator)),
+                            drop_last=True, num_workers=config.workers, generator=generator)
     val_loader = (vd.TensorBatches(data.val, 512, None) if vd.tensor_source(data.val) is not None
                   else DataLoader(data.val, batch_size=512, num_workers=config.workers))
     # the training set in its fixed order, for the memorisation pass (eval mode, noisy labels)
@@ -293,35 +281,24 @@ def pretrain(
 
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9, nesterov=True,
                                 weight_decay=config.weight_decay)
-    steps = config.epochs * len(loader)
-    warm = max(1, int(config.warmup_epochs * len(loader)))
-
-    def lr_at(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+    per_epoch = len(loader)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, tl.warmup_cosine(config.epochs * per_epoch, tl.warmup_steps(config.warmup_epochs, per_epoch)))
     use_amp = device.type == "cuda" and config.amp != "off"
     amp_dtype = torch.bfloat16 if config.amp == "bf16" else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and config.amp == "fp16")
     if distributed:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    ckpt = out / "checkpoint.pt"
-    start, history = 0, []
-    if ckpt.exists():
-        state = torch.load(ckpt, map_location=device, weights_only=False)
-        if state["config"] != dataclasses.asdict(config):
-            raise ValueError(f"{ckpt} was written with config {state['config']}, not {dataclasses.asdict(config)}")
-        (model.module if distributed else model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        _set_rng_state(state["rng"], generator)
-        start, history = state["epoch"], state["history"]
-
     from tqdm.auto import tqdm
+
+    ckpt = tl.Checkpointer(out / "checkpoint.pt", dataclasses.asdict(config),
+                           model=model.module if distributed else model, optimizer=optimizer, scheduler=scheduler,
+                           scaler=scaler, generator=generator, steps_per_epoch=per_epoch,
+                           every_steps=checkpoint_every_steps, map_location=device,
+                           log=tqdm.write if progress and rank == 0 else None)
+    resumed = ckpt.resume()
+    start, history = resumed.epoch, resumed.history
 
     t0 = time.time()
     done_here = 0
@@ -331,12 +308,15 @@ def pretrain(
         if sampler is not None:
             sampler.set_epoch(epoch)
         model.train()
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), dtype=torch.long, device=device)
-        seen = 0
-        bar = tqdm(loader, desc=f"pretrain g={config.noise:g} ep {epoch + 1}/{config.epochs}",
-                   disable=not progress or rank != 0, leave=False)
-        for x, y in bar:
+        first = resumed.step if epoch == start else 0  # batches of this epoch already done (a step checkpoint)
+        part = resumed.partial if first else {}
+        loss_sum = part.get("loss_sum", torch.zeros((), device=device))
+        correct = part.get("correct", torch.zeros((), dtype=torch.long, device=device))
+        seen = part.get("seen", 0)
+        ckpt.begin_epoch()
+        bar = tqdm(tl.batches_from(loader, first), desc=f"pretrain g={config.noise:g} ep {epoch + 1}/{config.epochs}",
+                   total=per_epoch - first, disable=not progress or rank != 0, leave=False)
+        for step, (x, y) in enumerate(bar, start=first + 1):
             x, y = x.to(device, non_blocking=True, memory_format=layout), y.to(device, non_blocking=True)
             with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
                 logits = model(x)
@@ -349,6 +329,7 @@ def pretrain(
             loss_sum += loss.detach().float() * len(y)
             correct += (logits.detach().argmax(-1) == y).sum()
             seen += len(y)
+            ckpt.after_step(epoch, step, history, {"loss_sum": loss_sum, "correct": correct, "seen": seen})
         record = {
             "epoch": epoch + 1,
             "train_loss": float(loss_sum) / max(seen, 1),  # one host sync per epoch
@@ -361,18 +342,8 @@ def pretrain(
             record.update(memorised_now())
         history.append(record)
         done_here += 1
+        ckpt.end_epoch(epoch, history)
         if rank == 0:
-            state = {
-                "model": (model.module if distributed else model).state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "epoch": epoch + 1,
-                "history": history,
-                "rng": _rng_state(generator),
-                "config": dataclasses.asdict(config),
-            }
-            atomic_save(state, ckpt)
             if progress:
                 tqdm.write(f"[pretrain g={config.noise:g}] epoch {epoch + 1}: loss {record['train_loss']:.3f} "
                            f"val acc {record['val_accuracy']:.4f}")
@@ -469,13 +440,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--channels-last", action="store_true", help="channels-last model and batches (faster on CPU)")
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--stop-after", type=int, default=None, help="stop after N epochs (testing resume)")
+    p.add_argument("--checkpoint-every-steps", type=int, default=None, metavar="N",
+                   help="also checkpoint every N optimizer steps (a restart resumes mid-epoch); default: per epoch")
     a = p.parse_args(argv)
     data = load_pretrain_data(a.dataset, a.data_root, image_size=a.image_size, tiny=a.tiny, download=a.download,
                               per_char=a.per_char)
     cfg = PretrainConfig(arch=a.arch, noise=a.noise, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
                          weight_decay=a.weight_decay, seed=a.seed, amp=a.amp, workers=a.workers,
                          channels_last=a.channels_last)
-    metrics = pretrain(data, a.out, cfg, stop_after=a.stop_after)
+    metrics = pretrain(data, a.out, cfg, stop_after=a.stop_after, checkpoint_every_steps=a.checkpoint_every_steps)
     if _dist_info()[1] == 0:
         print(json.dumps({k: v for k, v in metrics.items() if k != "history"}, indent=2))
     return metrics

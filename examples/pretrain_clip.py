@@ -6,8 +6,10 @@ config registered with ``open_clip.add_model_config``, trained with open_clip's
 ``ClipLoss`` on the captions tokenised by open_clip's tokenizer (its BPE vocabulary
 ships in the wheel; nothing is downloaded), on the offline pairs of
 ``_clip_data`` with a fraction gamma of the captions swapped
-(``noisy_shards.swap_captions``). A checkpoint is written after every epoch and
-resumed automatically: a SIGKILL and a rerun give bit-identical weights. Every
+(``noisy_shards.swap_captions``). A checkpoint is written after every epoch (and,
+with ``--checkpoint-every-steps N``, every N optimizer steps with the position in
+the epoch) and resumed automatically, mid-epoch too: a SIGKILL and a rerun give
+bit-identical weights (``_train_loop.py``, shared with ``pretrain.py``). Every
 epoch logs the contrastive loss and the zero-shot accuracy on the clean validation
 split::
 
@@ -37,13 +39,11 @@ import logging
 import math
 import os
 import pathlib
-import random
 import sys
 import tempfile
 import time
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -51,6 +51,7 @@ sys.path.insert(0, str(HERE))
 
 import _clip_data as cd  # noqa: E402
 from _common import atomic_save  # noqa: E402
+import _train_loop as tl  # noqa: E402
 import noisy_shards as ns  # noqa: E402
 
 __all__ = ["MODEL_NAME", "MODEL_CONFIG", "PRESETS", "ClipPretrainConfig", "register_model_config",
@@ -250,18 +251,6 @@ class ClipPretrainConfig:
     warmup_epochs: float = 1.0
 
 
-def _rng_state(generator: torch.Generator) -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "data": generator.get_state()}
-
-
-def _set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    generator.set_state(state["data"])
-
-
 def _noisy_captions(pairs: cd.ClipPairs, gamma: float, seed: int) -> tuple[list[str], dict[str, Any]]:
     noisy, manifest = ns.swap_captions(list(zip(range(len(pairs.captions)), pairs.captions)), gamma, seed=seed)
     swaps = manifest["swaps"]
@@ -270,20 +259,15 @@ def _noisy_captions(pairs: cd.ClipPairs, gamma: float, seed: int) -> tuple[list[
     return [c for _, c in noisy], manifest
 
 
-def _lr_lambda(steps: int, warm: int):
-    def lr_at(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
-    return lr_at
-
-
-def _train_epoch(model, loss_fn, optimizer, scheduler, images, tokens, batch_size, generator) -> float:
+def _train_epoch(model, loss_fn, optimizer, scheduler, images, tokens, batch_size, generator,
+                 ckpt: tl.Checkpointer, epoch: int, history: list[dict[str, Any]], resumed: tl.Position) -> float:
+    """One epoch from batch ``resumed.step`` on (0 unless resuming a step checkpoint of this epoch)."""
     model.train()
-    order = torch.randperm(len(tokens), generator=generator)
+    ckpt.begin_epoch()
+    order = torch.randperm(len(tokens), generator=generator)  # drawn whole, also when resuming mid-epoch
     n_batches = max(1, len(tokens) // batch_size)
-    total = torch.zeros(())
-    for b in range(n_batches):
+    total = resumed.partial.get("loss_sum", torch.zeros(())) if resumed.step else torch.zeros(())
+    for b in range(resumed.step, n_batches):
         idx = order[b * batch_size:(b + 1) * batch_size]
         img_f, txt_f, scale = model(to_clip_input(images[idx]), tokens[idx])
         loss = loss_fn(img_f, txt_f, scale)
@@ -294,6 +278,7 @@ def _train_epoch(model, loss_fn, optimizer, scheduler, images, tokens, batch_siz
         with torch.no_grad():  # as open_clip_train: clamp the temperature to 100
             model.logit_scale.clamp_(0, math.log(100))
         total += loss.detach()
+        ckpt.after_step(epoch, b + 1, history, {"loss_sum": total})
     return float(total) / n_batches
 
 
@@ -305,10 +290,12 @@ def pretrain_clip(
     *,
     stop_after: int | None = None,
     progress: bool = False,
+    checkpoint_every_steps: int | None = None,
 ) -> dict[str, Any]:
     """Pre-train the offline CLIP on ``pairs`` with a fraction ``config.gamma`` of swapped captions.
 
-    Writes ``checkpoint.pt`` after every epoch (resumed automatically), ``swaps.json``
+    Writes ``checkpoint.pt`` after every epoch and every ``checkpoint_every_steps``
+    optimizer steps (resumed automatically, mid-epoch too), ``swaps.json``
     (the manifest of swapped pairs), ``model.pt`` when finished and ``metrics.json``.
 
     Args:
@@ -318,6 +305,8 @@ def pretrain_clip(
         config: the recipe.
         stop_after: stop after this many epochs in this call (the next call resumes).
         progress: print one line per epoch.
+        checkpoint_every_steps: also checkpoint every this many optimizer steps
+            (global count); None: after each epoch only. It does not change the result.
 
     Returns:
         ``metrics.json``'s content: ``history`` (per epoch ``loss``, ``zeroshot_val``),
@@ -327,12 +316,11 @@ def pretrain_clip(
         >>> m = pretrain_clip(cd.offline_pairs(tiny=True), cd.offline_val(tiny=True), "/tmp/c",
         ...                   ClipPretrainConfig(epochs=1))  # doctest: +SKIP
     """
+    tl.check_every_steps(checkpoint_every_steps, "checkpoint_every_steps")
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0, c0 = time.time(), time.process_time()
-    torch.manual_seed(config.seed)
-    np.random.seed(config.seed)
-    random.seed(config.seed)
+    tl.seed_everything(config.seed)
     captions, manifest = _noisy_captions(pairs, config.gamma, config.seed + 1000)
     swapped = torch.zeros(len(captions), dtype=torch.bool)
     swapped[[i for i, _ in manifest["swaps"]]] = True
@@ -347,33 +335,28 @@ def pretrain_clip(
                                    {"params": rest, "weight_decay": 0.0}], lr=config.lr, fused=True)
     per_epoch = max(1, len(tokens) // config.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _lr_lambda(config.epochs * per_epoch, max(1, int(config.warmup_epochs * per_epoch))))
+        optimizer, tl.warmup_cosine(config.epochs * per_epoch, tl.warmup_steps(config.warmup_epochs, per_epoch)))
     generator = torch.Generator().manual_seed(config.seed)
-    ckpt, start, history = out / "checkpoint.pt", 0, []
-    if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
-        if state["config"] != dataclasses.asdict(config):
-            raise ValueError(f"{ckpt} was written with config {state['config']}, not {dataclasses.asdict(config)}")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"], generator)
-        start, history = state["epoch"], state["history"]
+    ckpt = tl.Checkpointer(out / "checkpoint.pt", dataclasses.asdict(config), model=model, optimizer=optimizer,
+                           scheduler=scheduler, generator=generator, steps_per_epoch=per_epoch,
+                           every_steps=checkpoint_every_steps, map_location="cpu",
+                           log=(lambda line: print(line, flush=True)) if progress else None)
+    resumed = ckpt.resume()
+    start, history = resumed.epoch, resumed.history
     vx, vy, vchars = val
     prompts = cd.class_prompts(vchars)
     done = 0
     for epoch in range(start, config.epochs):
         if stop_after is not None and done >= stop_after:
             break
-        loss = _train_epoch(model, loss_fn, optimizer, scheduler, pairs.images, tokens, config.batch_size, generator)
+        loss = _train_epoch(model, loss_fn, optimizer, scheduler, pairs.images, tokens, config.batch_size, generator,
+                            ckpt, epoch, history, resumed if epoch == start else tl.Position())
         zs = zero_shot_accuracy(encode_images(model, vx), vy, zero_shot_weights(model, tokenizer, prompts))
         history.append({"epoch": epoch + 1, "loss": loss, "zeroshot_val": zs,
                         "logit_scale": float(model.logit_scale.detach().exp()),
                         **caption_memorisation(model, tokenizer, pairs.images, captions, pairs.captions, swapped)})
         done += 1
-        atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                      "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "history": history,
-                      "rng": _rng_state(generator), "config": dataclasses.asdict(config)}, ckpt)
+        ckpt.end_epoch(epoch, history)
         if progress:
             print(f"[clip g={config.gamma:g} s={config.seed}] epoch {epoch + 1}: loss {loss:.4f} "
                   f"zero-shot val {zs:.4f}", flush=True)
@@ -438,10 +421,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--lr", type=float, default=ClipPretrainConfig.lr)
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--stop-after", type=int, default=None, help="stop after N epochs (testing resume)")
+    p.add_argument("--checkpoint-every-steps", type=int, default=None, metavar="N",
+                   help="also checkpoint every N optimizer steps (a rerun resumes mid-epoch); default: per epoch")
     a = p.parse_args(argv)
     cfg = ClipPretrainConfig(gamma=a.gamma, seed=a.seed, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr)
     m = pretrain_clip(cd.offline_pairs(tiny=a.tiny), cd.offline_val(tiny=a.tiny), a.out, cfg,
-                      stop_after=a.stop_after, progress=True)
+                      stop_after=a.stop_after, progress=True, checkpoint_every_steps=a.checkpoint_every_steps)
     print(json.dumps({k: v for k, v in m.items() if k != "history"}, indent=1))
     return m
 

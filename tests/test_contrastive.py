@@ -18,6 +18,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import _clip_data as cd  # noqa: E402
+import _train_loop as tl  # noqa: E402
 import contrastive  # noqa: E402
 import evaluate as ev  # noqa: E402
 import pretrain_clip as pc  # noqa: E402
@@ -95,6 +96,35 @@ def test_sigkill_mid_pretraining_then_rerun_gives_identical_weights(tmp_path):
     ha = json.loads((ref / "metrics.json").read_text())["history"]
     hb = json.loads((run / "metrics.json").read_text())["history"]
     assert ha == hb
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def _interrupt(rank: int) -> None:
+    raise _Interrupted(rank)
+
+
+@pytest.mark.slow
+def test_clip_pretraining_resumes_mid_epoch_from_a_step_checkpoint(tmp_path, monkeypatch):
+    pairs, val = cd.offline_pairs(tiny=True), cd.offline_val(tiny=True)
+    cfg = pc.ClipPretrainConfig(gamma=0.3, epochs=2, batch_size=16)
+    per_epoch = len(pairs.captions) // 16
+    every = per_epoch + 2  # the first step checkpoint lands in epoch 2, at step 2
+    full = pc.pretrain_clip(pairs, val, tmp_path / "full", cfg)
+    with monkeypatch.context() as m:  # stop right after the first step checkpoint, as a kill would
+        m.setattr(tl, "_after_step_checkpoint", _interrupt)
+        with pytest.raises(_Interrupted):
+            pc.pretrain_clip(pairs, val, tmp_path / "cut", cfg, checkpoint_every_steps=every)
+    state = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
+    assert (state["epoch"], state["step"], len(state["history"])) == (1, 2, 1)
+    torch.manual_seed(321)  # the resumed run must not depend on the process's RNG state
+    resumed = pc.pretrain_clip(pairs, val, tmp_path / "cut", cfg)
+    a = torch.load(tmp_path / "full" / "model.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "cut" / "model.pt", weights_only=False)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["history"] == full["history"]
 
 
 @pytest.mark.slow

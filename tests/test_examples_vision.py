@@ -15,6 +15,7 @@ import torch
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
+import _train_loop as tl  # noqa: E402
 import _vision_data as vd  # noqa: E402
 import evaluate as ev  # noqa: E402
 import pretrain as pt  # noqa: E402
@@ -117,6 +118,81 @@ def test_pretrain_ddp_two_gloo_ranks(tmp_path):
     assert metrics["finished"] and metrics["num_noisy"] == 12
     state = torch.load(tmp_path / "ddp" / "model.pt", weights_only=False)
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def _interrupt(rank: int) -> None:
+    raise _Interrupted(rank)
+
+
+@pytest.mark.parametrize("loader", ["in-memory batches", "DataLoader"])
+def test_pretrain_resumes_mid_epoch_from_a_step_checkpoint(tmp_path, tiny_data, monkeypatch, loader):
+    data = tiny_data
+    if loader == "DataLoader":  # a dataset that is not an in-memory tensor source takes the DataLoader path
+        data = vd.PretrainData(torch.utils.data.Subset(data.train, range(len(data.train))), data.val, data.labels,
+                               data.num_classes, data.in_chans, data.image_size)
+    cfg = pt.PretrainConfig(noise=0.2, epochs=2, batch_size=16)  # 192 samples: 12 steps an epoch
+    full = pt.pretrain(data, tmp_path / "full", cfg, progress=False)
+    with monkeypatch.context() as m:  # stop right after the first step checkpoint, as a kill would
+        m.setattr(tl, "_after_step_checkpoint", _interrupt)
+        with pytest.raises(_Interrupted):
+            pt.pretrain(data, tmp_path / "cut", cfg, progress=False, checkpoint_every_steps=5)
+    state = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
+    assert (state["epoch"], state["step"], state["partial"]["seen"]) == (0, 5, 80)
+    torch.manual_seed(12345)  # the resumed run must not depend on the process's RNG state
+    resumed = pt.pretrain(data, tmp_path / "cut", cfg, progress=False, checkpoint_every_steps=5)
+    assert resumed["finished"]
+    a = torch.load(tmp_path / "full" / "model.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "cut" / "model.pt", weights_only=False)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [h["train_loss"] for h in full["history"]] == [h["train_loss"] for h in resumed["history"]]
+    with pytest.raises(ValueError, match="checkpoint_every_steps must be an int >= 1 or None; got 0"):
+        pt.pretrain(data, tmp_path / "bad", cfg, progress=False, checkpoint_every_steps=0)
+
+
+def _torchrun(args: list[str], env: dict[str, str], timeout: float = 240) -> tuple[int, str]:
+    import os
+    import signal
+    import subprocess
+
+    # A new session, so that a timeout kills torchrun *and* its ranks, not only torchrun.
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return proc.returncode, out
+
+
+@pytest.mark.distributed
+def test_torchrun_restarts_a_sigkilled_rank_from_the_step_checkpoint(tmp_path):
+    """2 gloo ranks: rank 1 is SIGKILLed right after the first step checkpoint (epoch 1 of 2, step 3
+    of 7); torchrun --max-restarts 1 restarts the group, which resumes mid-epoch from that
+    checkpoint and ends with the weights of an uninterrupted run, bit for bit."""
+    import os
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    script = [str(EXAMPLES / "pretrain.py"), "--tiny", "--epochs", "2", "--batch-size", "8", "--noise", "0.1"]
+    rc, out = _torchrun(["--standalone", "--nproc_per_node", "2", *script, "--out", str(tmp_path / "ref")], env)
+    assert rc == 0, out[-3000:]
+    rc, out = _torchrun(["--standalone", "--nproc_per_node", "2", "--max-restarts", "1", *script,
+                         "--checkpoint-every-steps", "3", "--out", str(tmp_path / "run")],
+                        {**env, "NMTUNE_SIGKILL_AFTER_STEP_CHECKPOINT": "1"})
+    assert rc == 0, out[-3000:]
+    assert "exitcode: -9" in out, out[-3000:]  # torchrun saw the SIGKILL of a worker...
+    assert "continuing from epoch 1, step 3" in out, out[-3000:]  # ...and the new group resumed mid-epoch
+    a = torch.load(tmp_path / "ref" / "model.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "run" / "model.pt", weights_only=False)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ha = json.loads((tmp_path / "ref" / "metrics.json").read_text())["history"]
+    hb = json.loads((tmp_path / "run" / "metrics.json").read_text())["history"]
+    assert [h["train_loss"] for h in ha] == [h["train_loss"] for h in hb]
 
 
 def test_pretrain_config_validation():
