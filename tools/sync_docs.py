@@ -267,8 +267,12 @@ def r_seed_stability(res: Results) -> str:
     flips = [r for r in changed if {verdict(r[base]), verdict(r[other])} == {"reproduced", "contradicted"}]
     kinds = sorted({" and ".join(sorted({verdict(r[base]), verdict(r[other])})) for r in changed})
     seeds = other.split(":")[0].replace("seeds ", "")
-    text = f"With other seeds (`--seeds {seeds} --pretrain-seeds {seeds}`) {len(changed)} of {len(rows)} " \
-           "verdicts change"
+    if " / " in seeds:  # "pre-training / tuning" (tools/seed_stability.py)
+        pre, tune = seeds.split(" / ")
+        flags = f"`--pretrain-seeds {pre} --seeds {tune}`"
+    else:
+        flags = f"`--seeds {seeds} --pretrain-seeds {seeds}`"
+    text = f"With other seeds ({flags}) {len(changed)} of {len(rows)} supervised verdicts change"
     if changed:
         text += f" (between {'; '.join(kinds)})"
     text += "; none flips between reproduced and contradicted" if not flips else \
