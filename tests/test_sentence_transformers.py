@@ -144,11 +144,15 @@ def test_last_components_hold_raw_terms_and_spectrum(model: SentenceTransformer)
     assert model[0].model.embeddings.word_embeddings.weight.grad is not None
 
 
-@pytest.mark.parametrize("kind", ["cosent", "softmax"])
+@pytest.mark.parametrize("kind", ["cosent", "softmax", "matryoshka"])
 def test_other_losses_are_wrapped(model: SentenceTransformer, pristine: SentenceTransformer, kind: str) -> None:
+    labels: torch.Tensor | None
     if kind == "cosent":
         base = st_losses.CoSENTLoss(model)
         labels = torch.tensor([0.9, 0.1, 0.8, 0.3, 0.7, 0.2, 0.6, 0.4])
+    elif kind == "matryoshka":  # Z is the full 384-d embedding, observed once per column, not once per size
+        base = st_losses.MatryoshkaLoss(model, st_losses.MultipleNegativesRankingLoss(model), [384, 64])
+        labels = None
     else:
         base = st_losses.SoftmaxLoss(model, sentence_embedding_dimension=384, num_labels=3)
         labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
