@@ -12,7 +12,7 @@ the NMTune regularizers to it:
 * ``F``: the embeddings of the same inputs by the model as it was when the loss was
   built, frozen and in eval mode (dropout off): the same weights with the adapter
   disabled when the model carries a PEFT adapter (``model.add_adapter``), otherwise
-  a frozen copy made at construction (its parameters again in memory: 91 MB for
+  a frozen copy made at construction (its parameters again in memory: 86.7 MiB for
   all-MiniLM-L6-v2, see docs/sentence_transformers.md for the measured time);
   with a :class:`nmtune.ReferenceCache` and :class:`NMTuneDataCollator` (a key
   column in the dataset) ``F`` is computed once per text and read back afterwards.
