@@ -198,7 +198,8 @@ def test_saves_and_loads_as_plain_sentence_transformer(model: SentenceTransforme
     loaded = SentenceTransformer(str(tmp_path / "saved"), device="cpu")
     assert type(loaded) is SentenceTransformer
     texts = [t[0] for t in TRIPLES]
-    torch.testing.assert_close(loaded.encode(texts, convert_to_tensor=True), model.encode(texts, convert_to_tensor=True))
+    torch.testing.assert_close(loaded.encode(texts, convert_to_tensor=True),
+                               model.encode(texts, convert_to_tensor=True))
 
 
 def test_peft_adapter_reference_is_the_model_with_adapter_disabled(pristine: SentenceTransformer) -> None:
