@@ -176,3 +176,33 @@ def test_callback_with_sentence_transformer_trainer_and_text_probe(tmp_path: Any
     assert [h["step"] for h in logged] == [0, 2]
     first = spectrum_summary(initial.encode(TEXTS, convert_to_tensor=True))
     assert logged[0]["spectrum/sve"] == pytest.approx(first["sve"], abs=2e-6)
+
+
+def test_callback_with_nmtune_trainer_reads_the_wrapped_models_features(tmp_path: Any) -> None:
+    pytest.importorskip("peft", reason="needs the lora extra")
+    from transformers import BertConfig, BertModel, TrainingArguments
+
+    from nmtune import wrap_lora
+    from nmtune.integrations import NMTuneTrainer, SpectrumCallback
+
+    torch.manual_seed(0)
+    base = BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                intermediate_size=64, max_position_embeddings=16))
+    model = wrap_lora(base, num_classes=2, pooling="mean")
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": torch.randint(1, 100, (8,), generator=g), "attention_mask": torch.ones(8, dtype=torch.long),
+             "labels": torch.tensor(i % 2)} for i in range(16)]
+    probe = {"input_ids": torch.randint(1, 100, (40, 8), generator=g), "attention_mask": torch.ones(40, 8).long()}
+    args = TrainingArguments(str(tmp_path / "out"), per_device_train_batch_size=8, max_steps=3, logging_steps=1,
+                             learning_rate=1e-2, report_to="none", save_strategy="no", use_cpu=True,
+                             disable_tqdm=True)
+    trainer = NMTuneTrainer(model=model, args=args, train_dataset=data)
+    callback = SpectrumCallback(probe, every_n_steps=3).attach(trainer)
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "spectrum/sve" in h]
+    assert [h["step"] for h in logged] == [0, 3]
+    assert all("nmtune_sve" in h for h in trainer.state.log_history if "loss" in h)  # NMTuneTrainer's own logs
+    with torch.no_grad():
+        features = model.eval()(**probe).features
+    assert logged[-1]["spectrum/lsvr"] == pytest.approx(spectrum_summary(features)["lsvr"], abs=2e-6)
+    assert callback.history[-1]["step"] == 3
