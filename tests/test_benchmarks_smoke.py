@@ -90,3 +90,14 @@ def test_bench_distributed_smoke(tmp_path: Path) -> None:
     model = _rows(tmp_path / "bench_distributed_model.csv")
     assert {(r["ranks"], r["D"]) for r in model} == {("64", "768"), ("64", "1024"), ("256", "768"), ("256", "1024")}
     assert "matches every count" in (tmp_path / "bench_distributed.md").read_text()
+
+
+def test_bench_sentence_reference_smoke(tmp_path: Path) -> None:
+    code = _run("bench_sentence_reference.py", "--quick", "--out-dir", str(tmp_path))
+    assert code == 0
+    rows = {r["mode"]: r for r in _rows(tmp_path / "bench_sentence_reference.csv")}
+    assert set(rows) == {"base", "nmtune_copy", "nmtune_cached", "lora", "nmtune_lora"}
+    assert all(float(r["cpu_ms"]) > 0 and math.isfinite(float(r["/base"])) for r in rows.values())
+    assert float(rows["nmtune_lora"]["/lora"]) > 0
+    text = (tmp_path / "bench_sentence_reference.md").read_text()
+    assert "Frozen copy (reference=\"copy\"): 86.7 MiB" in text
