@@ -7,8 +7,11 @@ Record schema (one dict per tuned head and test set)::
      "task": "digits", "domain": "test", "seed": 0, "fraction": 1.0,
      "accuracy": 0.93, "macro_f1": 0.92, "sve": 4.1, "lsvr": 1.2}
 
-Ablation records carry two more keys, ``ablation`` (its name) and ``variant`` (the
-setting); :func:`check_claims` ignores them.
+Tuned records (not zero-shot) also carry ``protocol`` (``"selected"`` or ``"paper"``), ``lr``,
+``train_loss`` and, for NMTune, ``regularizer_scale`` (``evaluate.tune_and_score``); a report
+decides its claims on one protocol's records (``_diagnosis.by_protocol``). Ablation records
+carry two more keys, ``ablation`` (its name) and ``variant`` (the setting); :func:`check_claims`
+ignores them.
 
 Each claim is decided by :mod:`_stats` from *paired* cells: a cell ``[p, t]`` of every
 method and noise ratio comes from pre-training seed ``p`` and tuning seed ``t`` (same
