@@ -414,9 +414,10 @@ def test_reproduce_paper_parses_seed_lists_and_regimes():
     s = rp._settings(a)
     assert s["seeds"] == [3, 4, 5] and s["pretrain_seeds"] == [3, 4, 5]
     d = rp._settings(rp._parser().parse_args([]))
-    assert len(d["pretrain_seeds"]) >= 3 and d["ablations"] == list(rp.DEFAULT_ABLATIONS)
+    assert len(d["pretrain_seeds"]) >= 3 and d["ablations"] == list(rp.PROFILES["default"]["ablations"])
     assert rp._settings(rp._parser().parse_args(["--full"]))["ablations"] == list(rp.ABLATIONS)
-    assert rp._parser().parse_args([]).regime == "supervised" and rp._parser().parse_args([]).out == "runs/reproduce"
+    assert rp._parser().parse_args([]).regime == "supervised" and rp._parser().parse_args([]).out is None
+    assert rp._parser().parse_args([]).profile == "default"
     with pytest.raises(SystemExit):
         rp._parser().parse_args(["--regime", "clip"])
 
@@ -426,7 +427,8 @@ def test_tune_settings_validate_and_record() -> None:
     assert settings.methods == ("lp", "nmtune") and settings.seeds == (1,)
     assert settings.as_record() == dict(methods=["lp", "nmtune"], seeds=[1], fractions=[1.0], epochs=30,
                                         loss_config="official", tune_batch_size=64, label_noise=0.0,
-                                        normalize_rows=True)
+                                        normalize_rows=True, protocols=["paper"], val_fraction=0.2,
+                                        lr_factors=list(ev.LR_FACTORS))
     with pytest.raises(ValueError, match="label_noise"):
         ev.TuneSettings(label_noise=1.0)
     with pytest.raises(ValueError, match=r"methods must be a non-empty subset of \('lp', 'mlp', 'nmtune'\)"):

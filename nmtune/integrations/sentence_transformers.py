@@ -364,10 +364,11 @@ class NMTuneDataCollator(SentenceTransformerDataCollator):
     values travel with every text column as the feature :data:`KEY_FEATURE`, which the loss removes
     before the wrapped loss sees the batch and uses as the :class:`nmtune.ReferenceCache` key.
 
-    Args:
-        preprocess_fn: ``model.preprocess`` (as for ``SentenceTransformerDataCollator``).
+    It is built as ``SentenceTransformerDataCollator`` is (``model.preprocess`` first, then that
+    collator's keyword fields), plus:
+
+    Attributes:
         key_column: The dataset's key column (default ``"idx"``).
-        **kwargs: As for ``SentenceTransformerDataCollator``.
 
     Example:
         >>> collator = NMTuneDataCollator(model.preprocess, key_column="idx")  # doctest: +SKIP
