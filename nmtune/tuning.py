@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from nmtune import _rows
 from nmtune import functional as NF
 from nmtune._rows import _Rows, _TensorRows
-from nmtune._validation import check_int, check_real
+from nmtune._validation import check_int, check_real, check_tensor
 from nmtune.head import HEAD_PRESETS, NMTuneHead
 from nmtune.config import NMTuneConfig, resolve_config
 from nmtune.loss import NMTuneLoss
@@ -153,12 +153,12 @@ def _check_features(features: Any, name: str = "features") -> Tensor:
         raise ValueError(f"{name} must have shape (N, D) with D >= 1; got {_describe(features)}")
     if features.shape[0] < 1:
         raise ValueError(f"{name} is empty (got shape {tuple(features.shape)}); expected at least one row")
-    return features
+    return check_tensor(name, features, needs_values=True)
 
 
 def _check_labels(labels: Any, n: int, name: str = "labels", *, num_classes: int | None = None) -> Tensor:
     """Integer class indices ``(N,)`` in ``[0, num_classes)``; the first offending label is named."""
-    labels = _as_tensor(labels, name)
+    labels = check_tensor(name, _as_tensor(labels, name), kind="any", needs_values=True)
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise TypeError(f"{name} must be integer class indices of shape (N,); got {_describe(labels)}")
     if labels.dim() != 1:
@@ -174,9 +174,10 @@ def _check_labels(labels: Any, n: int, name: str = "labels", *, num_classes: int
 
 
 def _check_targets(targets: Any, n: int) -> Tensor:
-    targets = _as_tensor(targets, "targets")
+    targets = check_tensor("labels", _as_tensor(targets, "labels"), kind="any", needs_values=True)
     if targets.dim() < 1 or targets.shape[0] != n:
-        raise ValueError(f"targets must have one row per sample ({n}, ...); got {_describe(targets)}")
+        raise ValueError(f"labels (the targets of task_loss) must have one row per sample ({n}, ...); got "
+                         f"{_describe(targets)}")
     return targets
 
 
@@ -751,6 +752,8 @@ def _extract_batch(model: nn.Module, batch: Any, device: str | torch.device,
     if not isinstance(batch, (tuple, list)) or len(batch) < 2:
         raise ValueError("loader must yield (inputs, labels) batches")
     inputs, target = batch[0], batch[1]
+    if isinstance(inputs, Tensor) and inputs.is_meta:
+        raise ValueError(f"the loader yielded a meta tensor of inputs {tuple(inputs.shape)} (a shape without values)")
     inputs = inputs.to(device) if isinstance(inputs, Tensor) else inputs
     out = forward(model, inputs) if forward is not None else model(inputs)
     if not isinstance(out, Tensor) or not out.is_floating_point():
@@ -759,13 +762,23 @@ def _extract_batch(model: nn.Module, batch: Any, device: str | torch.device,
                         "pass forward=lambda model, x: model(x).pooler_output (say) to pick one")
     if out.dim() > 2:
         out = out.flatten(1)
-    if out.dim() != 2:
-        raise ValueError(f"the backbone (or forward=) must return (B, D) features; got {_describe(out)}")
-    y = torch.as_tensor(target)
+    if out.dim() != 2 or out.is_meta:
+        raise ValueError(f"the backbone (or forward=) must return (B, D) features with values; got {_describe(out)}"
+                         f"{' on the meta device' if out.is_meta else ''}")
+    out = out.float().cpu()  # the copy to the host syncs anyway: checking it is free
+    NF.validate_finite(out, "the features the backbone (or forward=) returned",
+                       hint="Check the model's inputs and dtype (a float16 backbone can overflow).")
+    try:
+        y = torch.as_tensor(target)
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise TypeError(f"the loader's labels must be a tensor or a sequence of numbers; got {type(target).__name__}"
+                        ) from err
+    if y.is_complex() or y.is_meta:
+        raise TypeError(f"the loader's labels must be real class indices with values; got {_describe(y)}")
     if y.dim() != 1 or y.shape[0] != out.shape[0]:
         raise ValueError(f"the loader's labels must be one per row, (B,) = ({out.shape[0]},) for features "
                          f"{tuple(out.shape)}; got {_describe(y)}")
-    return out.float().cpu(), y.long().cpu()
+    return out, y.long().cpu()
 
 
 def _extract_rows(loader: Any, num_examples: int | None) -> int:
