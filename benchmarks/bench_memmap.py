@@ -194,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
             f.unlink(missing_ok=True)
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    C.write_csv(memory, args.out_dir / "bench_memmap.csv")
+    if memory:
+        C.write_csv(memory, args.out_dir / "bench_memmap.csv")
     C.write_csv([throughput], args.out_dir / "bench_memmap_throughput.csv")
     growth = [float(r["growth_MiB"]) for r in memory]
     ratio = (growth[-1] / growth[0]) if len(growth) > 1 and growth[0] > 0 else float("nan")
@@ -205,8 +206,9 @@ def main(argv: list[str] | None = None) -> int:
         f"memory-mapped float32 features of width {args.dim}, fresh process per run; private memory = `RssAnon` "
         "sampled every 2 ms.", "",
         C.markdown_table(memory, ["rows", "file_MiB", "private_before_MiB", "private_peak_MiB", "growth_MiB",
-                                  "epoch_s", "rows_per_s"]), "",
-        f"Growth from the smallest to the largest N: {ratio:.2f}x for a {file_ratio:.0f}x larger file.", "",
+                                  "epoch_s", "rows_per_s"]) if memory else "(no memory runs: --rows was empty)", "",
+        f"Growth from the smallest to the largest N: {ratio:.2f}x for a {file_ratio:.0f}x larger file."
+        if len(memory) > 1 else "", "",
         f"Throughput at {args.throughput_rows} rows (fits in memory), median of {args.repeats} interleaved epochs:", "",
         C.markdown_table([throughput], ["rows", "file_MiB", "in_memory_rows_per_s", "memmap_rows_per_s",
                                         "memmap/in_memory", "in_memory_growth_MiB", "same_head"]), "",

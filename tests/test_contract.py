@@ -44,7 +44,7 @@ from nmtune import (
 )
 
 settings.register_profile(
-    "contract", max_examples=12, deadline=5000, derandomize=True, database=None,
+    "contract", max_examples=30, deadline=5000, derandomize=True, database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large],
 )
 settings.register_profile(
@@ -499,7 +499,8 @@ def test_extract_features(outputs, labels, inputs, junk_batch):
     """The backbone's outputs (through ``forward``), the loader's labels and batches are drawn; the model
     itself is the user's (its own errors on its own inputs are not nmtune's contract)."""
     n = min(len(outputs), len(labels))
-    batch_inputs = (torch.zeros(2, 3) if inputs == "tensor" else torch.empty(2, 3, device="meta") if inputs == "meta"
+    named = inputs if isinstance(inputs, str) else None
+    batch_inputs = (torch.zeros(2, 3) if named == "tensor" else torch.empty(2, 3, device="meta") if named == "meta"
                     else inputs)
     loader = [(batch_inputs, labels[i]) for i in range(n)] + ([junk_batch] if junk_batch is not None else [])
     produced = iter(outputs)

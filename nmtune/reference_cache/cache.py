@@ -34,9 +34,11 @@ def _check_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
 
 
 def _json_context(context: Mapping[str, Any] | None) -> dict[str, Any]:
+    if context is not None and not isinstance(context, Mapping):
+        raise TypeError(f"context must be a mapping of names to JSON values or None; got {type(context).__name__}")
     try:
         return json.loads(json.dumps(dict(context or {}), sort_keys=True))
-    except TypeError as err:
+    except (TypeError, ValueError) as err:
         raise TypeError(f"context must map names to JSON values (str, int, float, bool, None); {err}") from err
 
 
