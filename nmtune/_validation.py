@@ -74,7 +74,11 @@ def check_bool(name: str, value: object) -> bool:
 
 
 def check_choice(name: str, value: object, choices: tuple) -> object:
-    """``value`` if it is one of ``choices``, else ``ValueError`` listing them."""
+    """``value`` if it is one of ``choices``, else ``ValueError`` listing them (``TypeError`` for a value
+    of another type than the choices', such as an array, which ``in`` cannot compare)."""
+    kinds = tuple({type(c) for c in choices})
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        raise TypeError(f"{name} must be one of {choices}; got {type(value).__name__} {value!r:.80}")
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}; got {value!r}")
     return value
@@ -132,7 +136,7 @@ def check_module(name: str, value: object) -> torch.nn.Module:
     from torch import nn
 
     if not isinstance(value, nn.Module):
-        raise TypeError(f"{name} must be a torch.nn.Module; got {type(value).__name__}")
+        raise TypeError(f"{name} must be an nn.Module; got {type(value).__name__}")
     return value
 
 

@@ -271,7 +271,7 @@ def consistency_loss(
 
 def _consistency(z: Tensor, f: Tensor, mode: str, reduction: str = "mean") -> Tensor:
     """The consistency formula (no validation), in float32 or float64 with autocast off."""
-    with torch.autocast(device_type=z.device.type, enabled=False):
+    with _kernels.autocast_off(z):
         zc = _kernels.upcast(z, "float32")
         dist = _kernels.row_distance(zc, _kernels.upcast(f, "float32").to(zc.dtype))  # f detached there
         if mode == "element":

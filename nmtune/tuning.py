@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from nmtune import _rows
 from nmtune import functional as NF
 from nmtune._rows import _Rows, _TensorRows
-from nmtune._validation import check_int, check_real, check_tensor
+from nmtune._validation import check_choice, check_int, check_real, check_tensor
 from nmtune.head import HEAD_PRESETS, NMTuneHead
 from nmtune.config import NMTuneConfig, resolve_config
 from nmtune.loss import NMTuneLoss
@@ -71,18 +71,16 @@ class TuningConfig:
         for name in ("lr", "weight_decay"):
             if getattr(self, name) is not None:
                 check_real(name, getattr(self, name), minimum=0.0)
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}; got {self.schedule!r}")
-        if self.domain not in _RECIPES:
-            raise ValueError(f"domain must be one of {sorted(_RECIPES)}; got {self.domain!r}")
-        if self.head_preset not in HEAD_PRESETS:
-            raise ValueError(f"head_preset must be one of {sorted(HEAD_PRESETS)}; got {self.head_preset!r}")
+        check_choice("schedule", self.schedule, SCHEDULES)
+        check_choice("domain", self.domain, tuple(sorted(_RECIPES)))
+        check_choice("head_preset", self.head_preset, tuple(sorted(HEAD_PRESETS)))
+        if not isinstance(self.head_kwargs, dict):
+            raise TypeError(f"head_kwargs must be a dict of NMTuneHead arguments; got {type(self.head_kwargs).__name__}")
 
     @classmethod
     def recipe(cls, domain: str, method: str = "nmtune", **overrides: Any) -> TuningConfig:
         """The paper's recipe for ``domain`` (``"vision"`` or ``"language"``)."""
-        if domain not in _RECIPES:
-            raise ValueError(f"domain must be one of {sorted(_RECIPES)}; got {domain!r}")
+        check_choice("domain", domain, tuple(sorted(_RECIPES)))
         _check_method(method)
         r = _RECIPES[domain]
         base: dict[str, Any] = dict(epochs=r["epochs"], schedule=r["schedule"], domain=domain)
@@ -120,9 +118,7 @@ class FitResult:
 
 
 def _check_method(method: str) -> str:
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}; got {method!r}")
-    return method
+    return check_choice("method", method, METHODS)  # type: ignore[return-value]
 
 
 def _as_tensor(x: Any, name: str) -> Tensor:

@@ -66,7 +66,7 @@ def _check_features(features: Any, num_keys: int) -> None:
     if not isinstance(features, Tensor) or not features.is_floating_point():
         raise TypeError(f"features must be a floating tensor; got {type(features).__name__}")
     if features.dim() != 2 or features.shape[0] != num_keys or features.shape[1] < 1:
-        raise ValueError(f"features must have shape (B, D) with B = {num_keys} keys and D >= 1; got "
+        raise ValueError(f"features must have shape (B, D), D >= 1, with B = {num_keys} keys; got "
                          f"{tuple(features.shape)}")
     if features.is_meta:
         raise ValueError("features is a meta tensor (a shape without values); the cache stores values")
