@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from nmtune import _kernels
-from nmtune._validation import check_int, check_tensor
+from nmtune._validation import check_int, check_same_device, check_tensor
 
 __all__ = [
     "consistency_loss",
@@ -260,6 +260,7 @@ def consistency_loss(
         raise ValueError(
             f"z and f must have the same shape (..., M, D); got z {_shape(z)} and f {_shape(f)}"
         )
+    check_same_device(z=z, f=f)
     if mode not in CONSISTENCY_MODES:
         raise ValueError(f"mode must be one of {CONSISTENCY_MODES}; got {mode!r}")
     if reduction not in REDUCTIONS:

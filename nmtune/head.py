@@ -105,6 +105,8 @@ class NMTuneHead(nn.Module):
                 f"must be left at their defaults; got hidden_features={hidden_features!r}, "
                 f"batch_norm={batch_norm!r}, residual={residual!r}, dropout={dropout!r}"
             )
+        if hidden_features is not None:
+            check_int("hidden_features", hidden_features, minimum=1)
         self.hidden_features = check_int("hidden_features", hidden_features or in_features, minimum=1) if mlp else 0
         self.residual = residual
         self.mlp = _mlp(in_features, self.hidden_features, batch_norm, dropout) if mlp else None

@@ -358,6 +358,8 @@ HEAD_ARGS = ["in_features", "num_classes", "hidden_features", "mlp", "batch_norm
 @PROFILE
 @given(field=st.sampled_from(HEAD_ARGS), value=anything(), x=arrays())
 def test_nmtune_head(field, value, x):
+    if isinstance(value, int) and value > 4096:
+        value = 4096  # a legal width, but a 2**20-wide head asks for terabytes: not an input check
     kwargs: dict[str, Any] = dict(in_features=4, num_classes=3)
     kwargs[field] = value
     head = call(NMTuneHead, (field,), **kwargs)
@@ -403,7 +405,9 @@ def test_nmtune_loss(logits, target, z, f, aligned, preset):
         target = torch.randint(0, 3, (n,)) if not isinstance(target, Tensor) or target.is_floating_point() else (
             make((n,), target.dtype, target.device.type, "normal", 3))
         f = None if f is None else make(tuple(z.shape), z.dtype, z.device.type, "normal", 4)
-    out = call(NMTuneLoss(preset), ("logits", "target", "z", "f"), logits, target, z, f)
+    # IndexError: cross-entropy's own error for a class index out of range. Found by this suite and left:
+    # checking target values in the loss would cost a host sync per step (fit and evaluate check ranges once).
+    out = call(NMTuneLoss(preset), ("logits", "target", "z", "f"), logits, target, z, f, allowed=(IndexError,))
     if out is REFUSED:
         return
     assert all(isinstance(t, Tensor) for t in (logits, target, z))

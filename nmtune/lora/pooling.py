@@ -52,6 +52,8 @@ def pool_tokens(hidden: Tensor, mask: Tensor | None, mode: str) -> Tensor:
         >>> pool_tokens(h, torch.tensor([[1, 1, 0, 0]]), "last")
         tensor([[3., 4., 5.]])
     """
+    if not isinstance(mode, str):
+        raise TypeError(f"mode must be one of ('cls', 'mean', 'last'); got {type(mode).__name__}")
     check_tensor("hidden", hidden)
     if hidden.dim() != 3 or hidden.shape[1] < 1:
         raise ValueError(f"token pooling needs hidden states of shape (B, T, D) with T >= 1; got {tuple(hidden.shape)}")
@@ -78,7 +80,7 @@ def pool_tokens(hidden: Tensor, mask: Tensor | None, mode: str) -> Tensor:
         pos = torch.arange(mask.shape[1], device=mask.device)
         idx = (mask.to(torch.long) * pos).argmax(dim=1)
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
-    raise ValueError(f"unknown pooling mode {mode!r}; expected one of ('cls', 'mean', 'last')")
+    raise ValueError(f"unknown pooling {mode!r}; mode must be one of ('cls', 'mean', 'last')")
 
 
 def checkpoint_folder(model: nn.Module, filename: str = "modules.json") -> Path | None:
