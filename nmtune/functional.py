@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from nmtune import _kernels
-from nmtune._validation import check_int, check_same_device, check_tensor
+from nmtune._validation import check_choice, check_int, check_same_device, check_tensor
 
 __all__ = [
     "consistency_loss",
@@ -116,9 +116,7 @@ def validate_finite(
 
 
 def validate_precision(precision: str) -> str:
-    if precision not in _kernels.PRECISIONS:
-        raise ValueError(f"precision must be one of {_kernels.PRECISIONS}; got {precision!r}")
-    return precision
+    return check_choice("precision", precision, _kernels.PRECISIONS)  # type: ignore[return-value]
 
 
 def validate_top_k(top_k: object, z_shape: tuple[int, ...] | torch.Size) -> int:
@@ -261,10 +259,8 @@ def consistency_loss(
             f"z and f must have the same shape (..., M, D); got z {_shape(z)} and f {_shape(f)}"
         )
     check_same_device(z=z, f=f)
-    if mode not in CONSISTENCY_MODES:
-        raise ValueError(f"mode must be one of {CONSISTENCY_MODES}; got {mode!r}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}; got {reduction!r}")
+    check_choice("mode", mode, CONSISTENCY_MODES)
+    check_choice("reduction", reduction, REDUCTIONS)
     if check_finite:
         validate_finite(z, "z", also=f, also_name="f")
     return _consistency(z, f, mode, reduction).to(_kernels.result_dtype(z.dtype))
