@@ -63,6 +63,11 @@ class SpectralStats(NamedTuple):
     offdiag_energy: Tensor | None
 
 
+def autocast_off(x: Tensor) -> torch.autocast:
+    """Autocast disabled on ``x``'s device type (a meta tensor, which autocast does not know, uses the CPU's)."""
+    return torch.autocast(device_type="cpu" if x.is_meta else x.device.type, enabled=False)
+
+
 def compute_dtype(dtype: torch.dtype, precision: str) -> torch.dtype:
     """The dtype the decompositions run in: never below the input's."""
     if precision == "float64" or dtype == torch.float64:
@@ -322,9 +327,9 @@ def spectral_stats(
     if isinstance(z, Moments):
         if normalize_rows:
             raise ValueError("normalize_rows needs the rows themselves, not their Moments")
-        with torch.autocast(device_type=z.mean.device.type, enabled=False):
+        with autocast_off(z.mean):
             return _moment_stats(z, singular_values, covariance)
-    with torch.autocast(device_type=z.device.type, enabled=False):
+    with autocast_off(z):
         if singular_values and not normalize_rows:
             sigma, energy = _GramSpectrum.apply(z, compute_dtype(z.dtype, precision), covariance)
             return SpectralStats(sigma, energy if covariance else None)

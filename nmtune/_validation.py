@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import TYPE_CHECKING
 
-__all__ = ["check_int", "check_real", "check_bool", "check_choice"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["check_int", "check_real", "check_bool", "check_choice", "check_tensor", "check_module", "check_device",
+           "check_same_device"]
 
 
 def check_int(name: str, value: object, *, minimum: int | None = None, maximum: int | None = None) -> int:
@@ -69,7 +74,91 @@ def check_bool(name: str, value: object) -> bool:
 
 
 def check_choice(name: str, value: object, choices: tuple) -> object:
-    """``value`` if it is one of ``choices``, else ``ValueError`` listing them."""
+    """``value`` if it is one of ``choices``, else ``ValueError`` listing them (``TypeError`` for a value
+    of another type than the choices', such as an array, which ``in`` cannot compare)."""
+    kinds = tuple({type(c) for c in choices})
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        raise TypeError(f"{name} must be one of {choices}; got {type(value).__name__} {value!r:.80}")
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}; got {value!r}")
     return value
+
+
+def check_tensor(
+    name: str,
+    value: object,
+    *,
+    kind: str = "floating",
+    min_dim: int = 0,
+    nonempty: bool = False,
+    needs_values: bool = False,
+) -> torch.Tensor:
+    """``value`` if it is a tensor of ``kind`` with at least ``min_dim`` dims, else an error naming ``name``.
+
+    Args:
+        name: The argument's name, for the messages.
+        value: What the caller passed.
+        kind: ``"floating"`` (float16/bfloat16/float32/float64), ``"integer"`` (integer
+            dtypes, not bool) or ``"any"``.
+        min_dim: Fewest dimensions accepted.
+        nonempty: Refuse a tensor whose last dimension is empty.
+        needs_values: Refuse a meta tensor (shapes only): the entry point reads values.
+
+    Raises:
+        TypeError: not a tensor, or the wrong dtype kind.
+        ValueError: too few dims, empty, or a meta tensor where values are needed.
+
+    Example:
+        >>> import torch
+        >>> check_tensor("sigma", torch.ones(3), min_dim=1).shape
+        torch.Size([3])
+    """
+    import torch
+
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(value).__name__}")
+    if kind == "floating" and not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor (float16/bfloat16/float32/float64); got dtype "
+                        f"{value.dtype}")
+    if kind == "integer" and (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
+        raise TypeError(f"{name} must be an integer tensor; got dtype {value.dtype}")
+    if value.dim() < min_dim:
+        raise ValueError(f"{name} must have at least {min_dim} dim(s); got shape {tuple(value.shape)}")
+    if nonempty and (value.dim() == 0 or value.shape[-1] == 0):
+        raise ValueError(f"{name} is empty (shape {tuple(value.shape)}); expected at least one value")
+    if needs_values and value.is_meta:
+        raise ValueError(f"{name} is a meta tensor (a shape without values); this function reads its values")
+    return value
+
+
+def check_module(name: str, value: object) -> torch.nn.Module:
+    """``value`` if it is an ``nn.Module``, else a ``TypeError`` naming ``name``."""
+    from torch import nn
+
+    if not isinstance(value, nn.Module):
+        raise TypeError(f"{name} must be an nn.Module; got {type(value).__name__}")
+    return value
+
+
+def check_device(name: str, value: object) -> torch.device:
+    """``value`` (a ``torch.device``, a device string or a CUDA index) as a ``torch.device``."""
+    import torch
+
+    if isinstance(value, torch.device):
+        return value
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise TypeError(f"{name} must be a torch.device, a device string or an index; got {type(value).__name__}")
+    try:
+        return torch.device(value)
+    except (RuntimeError, ValueError) as err:
+        raise ValueError(f"{name} must name a device such as 'cpu' or 'cuda:0'; got {value!r}") from err
+
+
+def check_same_device(**tensors: object) -> None:
+    """One device for every tensor given, or a ``ValueError`` naming where each one is."""
+    import torch
+
+    devices = {name: t.device for name, t in tensors.items() if isinstance(t, torch.Tensor)}
+    if len(set(devices.values())) > 1:
+        where = ", ".join(f"{name} on {dev}" for name, dev in devices.items())
+        raise ValueError(f"every tensor must be on one device; got {where}")

@@ -19,6 +19,7 @@ import math
 import torch
 
 from nmtune import functional as NF
+from nmtune._validation import check_tensor
 
 __all__ = ["feature_spectrum", "spectrum_summary"]
 
@@ -31,19 +32,21 @@ def feature_spectrum(features: torch.Tensor, *, normalize_rows: bool = True) -> 
         normalize_rows: L2-normalise rows first (the authors' convention).
 
     Raises:
-        ValueError: ``features`` is not a floating-point matrix with at least 2 rows.
+        TypeError: ``features`` is not a floating-point tensor.
+        ValueError: ``features`` is not a finite matrix with at least 2 rows and 1 column (or is a meta
+            tensor, which has no values).
 
     Example:
         >>> s = feature_spectrum(torch.eye(3))
         >>> [round(v, 3) for v in s.tolist()]
         [1.0, 1.0, 1.0]
     """
-    if not isinstance(features, torch.Tensor) or features.ndim != 2 or not features.is_floating_point():
-        got = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
-        raise ValueError(f"features must be a floating-point (M, D) tensor, got {got}")
-    if features.shape[0] < 2:
-        raise ValueError(f"features needs at least 2 rows for a spectrum, got shape {tuple(features.shape)}")
-    return NF.singular_values(features.detach(), normalize_rows=normalize_rows).double().cpu()
+    check_tensor("features", features, needs_values=True)
+    if features.ndim != 2:
+        raise ValueError(f"features must be a floating-point (M, D) tensor, got shape {tuple(features.shape)}")
+    NF.validate_features(features, "features")
+    NF.validate_finite(features, "features", hint="")
+    return NF.singular_values(features.detach(), normalize_rows=normalize_rows, check_finite=False).double().cpu()
 
 
 def spectrum_summary(features: torch.Tensor, *, normalize_rows: bool = True) -> dict[str, float]:

@@ -161,8 +161,10 @@ class NMTuneConfig:
     @classmethod
     def from_preset(cls, name: str = "paper", **overrides: Any) -> NMTuneConfig:
         """A named preset (``"paper"``, ``"official"``, ``"none"``) with overrides."""
+        if not isinstance(name, str):
+            raise TypeError(f"name must be a preset name (str); got {type(name).__name__}")
         if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+            raise ValueError(f"unknown preset {name!r} (name); expected one of {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **_renamed(overrides)})
 
     def replace(self, **changes: Any) -> NMTuneConfig:
@@ -224,6 +226,8 @@ def resolve_config(config: NMTuneConfig | str | None, overrides: dict[str, Any],
     if config is None:
         config = "paper"
     if isinstance(config, str):
+        if config not in PRESETS:
+            raise ValueError(f"{name} names an unknown preset {config!r}; expected one of {sorted(PRESETS)}")
         return NMTuneConfig.from_preset(config, **overrides)
     if isinstance(config, NMTuneConfig):
         return config.replace(**overrides) if overrides else config

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from nmtune import _kernels
-from nmtune._validation import check_int
+from nmtune._validation import check_choice, check_int, check_same_device, check_tensor
 
 __all__ = [
     "consistency_loss",
@@ -116,9 +116,7 @@ def validate_finite(
 
 
 def validate_precision(precision: str) -> str:
-    if precision not in _kernels.PRECISIONS:
-        raise ValueError(f"precision must be one of {_kernels.PRECISIONS}; got {precision!r}")
-    return precision
+    return check_choice("precision", precision, _kernels.PRECISIONS)  # type: ignore[return-value]
 
 
 def validate_top_k(top_k: object, z_shape: tuple[int, ...] | torch.Size) -> int:
@@ -150,6 +148,42 @@ def _normalised_spectrum(sigma: Tensor) -> Tensor:
     return torch.where(nonzero, sigma / torch.where(nonzero, total, 1.0), e1)
 
 
+def validate_singular_values(sigma: object) -> Tensor:
+    """``sigma`` as singular values ``(..., K)``: floating, ``K >= 1``, finite and non-negative.
+
+    The value check costs one host synchronisation (skipped for meta tensors and while
+    ``torch.compile`` traces); the loss path uses the unchecked ``_*_of`` functions.
+    """
+    sigma = check_tensor("sigma", sigma, min_dim=1, nonempty=True)
+    if not (torch.compiler.is_compiling() or sigma.is_meta) and not bool(
+        (torch.isfinite(sigma) & (sigma >= 0)).all()
+    ):
+        raise ValueError(f"sigma must hold finite, non-negative singular values; got {sigma.tolist()!r:.200}")
+    return sigma
+
+
+def _svd_loss_of(sigma: Tensor, top_k: int) -> Tensor:
+    p = _normalised_spectrum(sigma)
+    k = min(top_k, sigma.shape[-1])
+    return -p[..., :k].sum(dim=-1) / k
+
+
+def _sve_of(sigma: Tensor) -> Tensor:
+    p = _normalised_spectrum(sigma)
+    positive = p > 0
+    # ``0.0 - x`` rather than ``-x``: a point mass gives +0.0, not -0.0.
+    return 0.0 - torch.where(positive, p * torch.log(torch.where(positive, p, 1.0)), 0.0).sum(dim=-1)
+
+
+def _lsvr_of(sigma: Tensor) -> Tensor:
+    return 0.0 - torch.log(_normalised_spectrum(sigma)[..., 0])  # +0.0 for rank one, not -0.0
+
+
+def _metrics_of(sigma: Tensor) -> dict[str, Tensor]:
+    sve = _sve_of(sigma)
+    return {"sve": sve, "lsvr": _lsvr_of(sigma), "effective_rank": sve.exp()}
+
+
 def singular_value_loss_from_singular_values(sigma: Tensor, top_k: int = 1) -> Tensor:
     """``-(1/k) sum_{i<=k} sigma_i / sum_j sigma_j`` from descending ``sigma``.
 
@@ -157,35 +191,29 @@ def singular_value_loss_from_singular_values(sigma: Tensor, top_k: int = 1) -> T
     (allowed by ``clamp_top_k``) the mean runs over those that exist, as in the
     authors' ``torch.mean(s[:5])``.
     """
-    p = _normalised_spectrum(sigma)
-    k = min(top_k, sigma.shape[-1])
-    return -p[..., :k].sum(dim=-1) / k
+    return _svd_loss_of(validate_singular_values(sigma), check_int("top_k", top_k, minimum=1))
 
 
 def sve_from_singular_values(sigma: Tensor) -> Tensor:
     """Singular value entropy ``-sum_i p_i log p_i`` (``0 log 0 = 0``)."""
-    p = _normalised_spectrum(sigma)
-    positive = p > 0
-    # ``0.0 - x`` rather than ``-x``: a point mass gives +0.0, not -0.0.
-    return 0.0 - torch.where(positive, p * torch.log(torch.where(positive, p, 1.0)), 0.0).sum(dim=-1)
+    return _sve_of(validate_singular_values(sigma))
 
 
 def lsvr_from_singular_values(sigma: Tensor) -> Tensor:
     """Largest singular value ratio ``-log(sigma_1 / sum_j sigma_j)``."""
-    return 0.0 - torch.log(_normalised_spectrum(sigma)[..., 0])  # +0.0 for rank one, not -0.0
+    return _lsvr_of(validate_singular_values(sigma))
 
 
 def spectrum_metrics(sigma: Tensor) -> dict[str, Tensor]:
     """SVE, LSVR and effective rank of precomputed singular values.
 
     Args:
-        sigma: ``(..., K)`` singular values in descending order.
+        sigma: ``(..., K)`` singular values in descending order (finite, non-negative).
 
     Returns:
         ``{"sve": ..., "lsvr": ..., "effective_rank": ...}``, each ``(...)``.
     """
-    sve = sve_from_singular_values(sigma)
-    return {"sve": sve, "lsvr": lsvr_from_singular_values(sigma), "effective_rank": sve.exp()}
+    return _metrics_of(validate_singular_values(sigma))
 
 
 # ----------------------------------------------------------------------------
@@ -230,10 +258,9 @@ def consistency_loss(
         raise ValueError(
             f"z and f must have the same shape (..., M, D); got z {_shape(z)} and f {_shape(f)}"
         )
-    if mode not in CONSISTENCY_MODES:
-        raise ValueError(f"mode must be one of {CONSISTENCY_MODES}; got {mode!r}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}; got {reduction!r}")
+    check_same_device(z=z, f=f)
+    check_choice("mode", mode, CONSISTENCY_MODES)
+    check_choice("reduction", reduction, REDUCTIONS)
     if check_finite:
         validate_finite(z, "z", also=f, also_name="f")
     return _consistency(z, f, mode, reduction).to(_kernels.result_dtype(z.dtype))
@@ -241,7 +268,7 @@ def consistency_loss(
 
 def _consistency(z: Tensor, f: Tensor, mode: str, reduction: str = "mean") -> Tensor:
     """The consistency formula (no validation), in float32 or float64 with autocast off."""
-    with torch.autocast(device_type=z.device.type, enabled=False):
+    with _kernels.autocast_off(z):
         zc = _kernels.upcast(z, "float32")
         dist = _kernels.row_distance(zc, _kernels.upcast(f, "float32").to(zc.dtype))  # f detached there
         if mode == "element":
@@ -365,7 +392,7 @@ def singular_value_entropy(
         >>> round(float(singular_value_entropy(torch.eye(4))), 4)  # log 4
         1.3863
     """
-    return _of_spectrum(sve_from_singular_values, z, precision, normalize_rows, check_finite)
+    return _of_spectrum(_sve_of, z, precision, normalize_rows, check_finite)
 
 
 def largest_singular_value_ratio(
@@ -381,7 +408,7 @@ def largest_singular_value_ratio(
         >>> float(largest_singular_value_ratio(torch.ones(4, 3)))
         0.0
     """
-    return _of_spectrum(lsvr_from_singular_values, z, precision, normalize_rows, check_finite)
+    return _of_spectrum(_lsvr_of, z, precision, normalize_rows, check_finite)
 
 
 def effective_rank(
@@ -395,7 +422,7 @@ def effective_rank(
         >>> round(float(effective_rank(torch.eye(4))), 4)
         4.0
     """
-    return _of_spectrum(sve_from_singular_values, z, precision, normalize_rows, check_finite).exp()
+    return _of_spectrum(_sve_of, z, precision, normalize_rows, check_finite).exp()
 
 
 # ----------------------------------------------------------------------------
@@ -465,14 +492,14 @@ def nmtune_terms(
         if covariance:
             cov = stats.offdiag_energy / zs.shape[-1]  # type: ignore[operator]
         if singular_value:
-            svd = singular_value_loss_from_singular_values(sigma, top_k)  # type: ignore[arg-type]
+            svd = _svd_loss_of(sigma, top_k)  # type: ignore[arg-type]
     sve = lsvr = None
     if metrics:
         with torch.no_grad():
             if sigma is None:
                 sigma = _kernels.spectral_stats(zs.detach(), precision=precision, covariance=False).singular_values
-            sve = sve_from_singular_values(sigma.detach())  # type: ignore[union-attr]
-            lsvr = lsvr_from_singular_values(sigma.detach())  # type: ignore[union-attr]
+            sve = _sve_of(sigma.detach())  # type: ignore[union-attr]
+            lsvr = _lsvr_of(sigma.detach())  # type: ignore[union-attr]
     return Terms(mse, cov, svd, sve, lsvr)
 
 

@@ -105,6 +105,8 @@ class NMTuneHead(nn.Module):
                 f"must be left at their defaults; got hidden_features={hidden_features!r}, "
                 f"batch_norm={batch_norm!r}, residual={residual!r}, dropout={dropout!r}"
             )
+        if hidden_features is not None:
+            check_int("hidden_features", hidden_features, minimum=1)
         self.hidden_features = check_int("hidden_features", hidden_features or in_features, minimum=1) if mlp else 0
         self.residual = residual
         self.mlp = _mlp(in_features, self.hidden_features, batch_norm, dropout) if mlp else None
@@ -117,8 +119,10 @@ class NMTuneHead(nn.Module):
     @classmethod
     def from_preset(cls, name: str, in_features: int, num_classes: int, **overrides: Any) -> NMTuneHead:
         """A head from a named preset: ``"paper"``, ``"official"`` or ``"linear"``."""
+        if not isinstance(name, str):
+            raise TypeError(f"name must be a head preset name (str); got {type(name).__name__}")
         if name not in HEAD_PRESETS:
-            raise ValueError(f"unknown head preset {name!r}; expected one of {sorted(HEAD_PRESETS)}")
+            raise ValueError(f"unknown head preset {name!r} (name); expected one of {sorted(HEAD_PRESETS)}")
         kwargs = dict(HEAD_PRESETS[name])
         kwargs.update(overrides)
         multiplier = kwargs.pop("hidden_multiplier")
@@ -139,6 +143,10 @@ class NMTuneHead(nn.Module):
             raise ValueError(
                 f"features must have shape (..., {self.in_features}); got {tuple(features.shape)}"
             )
+        param = self.classifier.weight
+        if features.dtype != param.dtype or features.device != param.device:
+            raise TypeError(f"features are {features.dtype} on {features.device} but the head's parameters are "
+                            f"{param.dtype} on {param.device}; cast one to the other (features.to(...) or head.to(...))")
         if self.mlp is None:
             return features
         lead = features.shape[:-1]

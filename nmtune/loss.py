@@ -239,6 +239,18 @@ def _check_task_inputs(logits: object, target: object, z: Tensor, *, uses_defaul
         if target.dim() < 1 or target.shape[0] != logits.shape[0]:
             raise ValueError(f"target has shape {tuple(target.shape)} but logits has {logits.shape[0]} row(s); "
                              "expected class indices (N,) or class probabilities (N, C)")
+        _check_ce_target(target, logits)
+
+
+def _check_ce_target(target: Tensor, logits: Tensor) -> None:
+    """Cross-entropy's target: int64 (or uint8) class indices ``(N,)`` or probabilities shaped like ``logits``."""
+    if target.is_floating_point():
+        if target.shape != logits.shape:
+            raise ValueError(f"target of class probabilities must have logits' shape {tuple(logits.shape)}; got "
+                             f"{target.dtype} {tuple(target.shape)} (class indices must be int64)")
+    elif target.dtype not in (torch.int64, torch.uint8) or target.dim() != 1:
+        raise TypeError(f"target must be int64 class indices (N,) or float probabilities (N, C); got {target.dtype} "
+                        f"{tuple(target.shape)}")
 
 
 class NMTuneLoss(nn.Module):

@@ -17,12 +17,12 @@ Counts use Python's ``round`` (half to even).
 
 from __future__ import annotations
 
-from typing import Mapping, NamedTuple, Sequence
+from typing import Iterable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
 
-from nmtune._validation import check_int, check_real
+from nmtune._validation import check_int, check_real, check_tensor
 
 __all__ = ["NoisyLabels", "symmetric_noise", "asymmetric_noise", "pair_flip_noise", "swap_pairs"]
 
@@ -41,9 +41,14 @@ class NoisyLabels(NamedTuple):
 
 def _as_labels(labels) -> torch.Tensor:
     if isinstance(labels, torch.Tensor):
+        check_tensor("labels", labels, kind="any", needs_values=True)
         t = labels.detach().cpu()
     else:
-        t = torch.as_tensor(np.asarray(labels))
+        try:
+            t = torch.as_tensor(np.asarray(labels))
+        except (RuntimeError, TypeError, ValueError) as err:
+            raise TypeError(f"labels must be a 1-D sequence of integer class labels; got {type(labels).__name__}"
+                            ) from err
     if t.ndim != 1:
         raise ValueError(f"labels must be 1-D, got shape {tuple(t.shape)}")
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
@@ -70,6 +75,7 @@ def _num_classes(labels: torch.Tensor, num_classes: int | None) -> int:
     seen = int(labels.max()) + 1 if labels.numel() else 0
     if num_classes is None:
         return seen
+    num_classes = check_int("num_classes", num_classes, minimum=0)
     if num_classes < seen:
         raise ValueError(f"num_classes={num_classes} but labels go up to {seen - 1}")
     return int(num_classes)
@@ -156,7 +162,9 @@ def asymmetric_noise(
     """
     y = _as_labels(labels)
     ratio = _check_ratio(ratio)
-    subset = torch.as_tensor(sorted(set(int(c) for c in classes)), dtype=torch.long)
+    if isinstance(classes, (str, bytes)) or not isinstance(classes, Iterable):
+        raise TypeError(f"classes must be a sequence of class indices; got {type(classes).__name__}")
+    subset = torch.as_tensor(sorted({check_int("classes[i]", c, minimum=0) for c in classes}), dtype=torch.long)
     if len(subset) < 2:
         raise ValueError(f"classes must hold at least 2 distinct classes, got {list(classes)!r}")
     g = _generator(seed)
@@ -199,6 +207,13 @@ def pair_flip_noise(
         if k < 2:
             raise ValueError(f"pair flips need at least 2 classes, got num_classes={k}")
         mapping = {c: (c + 1) % k for c in range(k)}
+    if not isinstance(mapping, Mapping):
+        raise TypeError(f"mapping must map source classes to target classes (a dict); got {type(mapping).__name__}")
+    if not mapping:
+        raise ValueError("mapping is empty; pass at least one source class -> target class (or None for c -> c + 1)")
+    for s, t in mapping.items():
+        check_int("mapping keys", s, minimum=0)
+        check_int("mapping values", t)
     bad = {int(s): int(t) for s, t in mapping.items() if int(s) == int(t) or int(t) < 0}
     if bad:
         raise ValueError(f"mapping must send each class to a different, non-negative class; got {bad}")

@@ -36,9 +36,12 @@ def test_spectrum_summary_is_functionals_formula_including_the_zero_matrix():
     assert zero == {"sve": 0.0, "lsvr": 0.0, "effective_rank": 1.0, "top1_share": 1.0}
 
 
-@pytest.mark.parametrize("bad", [torch.zeros(5), torch.zeros(1, 4), torch.zeros(3, 3, dtype=torch.long), [[1.0]]])
-def test_feature_spectrum_rejects_bad_input(bad):
-    with pytest.raises(ValueError, match="features"):
+@pytest.mark.parametrize("bad, error", [
+    (torch.zeros(5), ValueError), (torch.zeros(1, 4), ValueError), (torch.zeros(3, 3, dtype=torch.long), TypeError),
+    ([[1.0]], TypeError), (torch.zeros(3, 3, device="meta"), ValueError), (torch.full((3, 2), float("nan")), ValueError),
+])
+def test_feature_spectrum_rejects_bad_input(bad, error):
+    with pytest.raises(error, match="features"):  # named features (a NaN used to be reported as "z")
         A.feature_spectrum(bad)
 
 

@@ -101,3 +101,17 @@ def test_bench_sentence_reference_smoke(tmp_path: Path) -> None:
     assert float(rows["nmtune_lora"]["/lora"]) > 0
     text = (tmp_path / "bench_sentence_reference.md").read_text()
     assert "Frozen copy (reference=\"copy\"): 86.7 MiB" in text
+
+
+def test_bench_memmap_smoke(tmp_path: Path) -> None:
+    # one memory run and the throughput run (each a fresh process: the script's default compares two sizes)
+    code = _run("bench_memmap.py", "--rows", "3000", "--dim", "8", "--throughput-rows", "2000", "--repeats", "1",
+                "--batch-size", "256", "--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path))
+    assert code == 0
+    rows = _rows(tmp_path / "bench_memmap.csv")
+    assert [r["rows"] for r in rows] == ["3000"]
+    assert all(math.isfinite(float(r["growth_MiB"])) and float(r["epoch_s"]) > 0 for r in rows)
+    (throughput,) = _rows(tmp_path / "bench_memmap_throughput.csv")
+    assert throughput["same_head"] == "True"  # the streamed head is the in-memory head, bit for bit
+    assert math.isfinite(float(throughput["memmap/in_memory"]))
+    assert "| 3000 |" in (tmp_path / "bench_memmap.md").read_text()

@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from nmtune._validation import check_module
+
 # LoRA initialisations that rewrite the base weights: with them ``disable_adapter()``
 # no longer gives the pre-trained model, so the reference F would be wrong.
 _BASE_CHANGING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
@@ -32,6 +34,8 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         'Linear'
     """
     from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    check_module("model", model)
 
     for _ in range(8):
         if isinstance(model, (DistributedDataParallel, DataParallel)):

@@ -17,6 +17,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from nmtune._validation import check_module
 from nmtune.lora._utils import import_peft, unwrap_model
 from nmtune.lora.pooling import pool_output, resolve_token_pooling
 
@@ -333,6 +334,7 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
         >>> type(adapter_for(nn.Linear(2, 2))).__name__
         'TransformersEncoderAdapter'
     """
+    check_module("model", model)
     for cls in ADAPTERS:
         if cls.matches(model):
             return cls()

@@ -22,9 +22,11 @@ __all__ = ["load_lora", "save_model", "load_adapter_state"]
 _META_KEYS = ("family", "num_classes", "feature_dim", "head", "nmtune_config")
 
 def _read_meta(path: str | os.PathLike) -> dict[str, Any]:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a folder (str or os.PathLike); got {type(path).__name__}")
     meta_path = os.path.join(path, META_FILE)
     if not os.path.isfile(meta_path):
-        raise FileNotFoundError(f"no {META_FILE} in {path}; was it saved with NMTuneLoraModel.save_pretrained?")
+        raise FileNotFoundError(f"no {META_FILE} in path {path}; was it saved with NMTuneLoraModel.save_pretrained?")
     with open(meta_path, encoding="utf-8") as fh:
         meta = json.load(fh)
     if meta.get("format_version", 0) > FORMAT_VERSION:

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from nmtune._validation import check_same_device, check_tensor
+
 __all__ = [
     "POOLING_MODES", "pool_tokens", "pool_output", "resolve_token_pooling", "sentence_transformers_pooling",
     "checkpoint_folder",
@@ -50,8 +52,16 @@ def pool_tokens(hidden: Tensor, mask: Tensor | None, mode: str) -> Tensor:
         >>> pool_tokens(h, torch.tensor([[1, 1, 0, 0]]), "last")
         tensor([[3., 4., 5.]])
     """
-    if hidden.dim() != 3:
-        raise ValueError(f"token pooling needs hidden states of shape (B, T, D); got {tuple(hidden.shape)}")
+    if not isinstance(mode, str):
+        raise TypeError(f"mode must be one of ('cls', 'mean', 'last'); got {type(mode).__name__}")
+    check_tensor("hidden", hidden)
+    if hidden.dim() != 3 or hidden.shape[1] < 1:
+        raise ValueError(f"token pooling needs hidden states of shape (B, T, D) with T >= 1; got {tuple(hidden.shape)}")
+    if mask is not None:
+        check_tensor("attention_mask", mask, kind="any")
+        if mask.is_complex():
+            raise TypeError(f"attention_mask must hold 0/1 (bool, int or float); got dtype {mask.dtype}")
+        check_same_device(hidden=hidden, attention_mask=mask)
     if mask is not None and mask.shape != hidden.shape[:2]:
         raise ValueError(
             f"attention_mask has shape {tuple(mask.shape)}; expected (B, T) = {tuple(hidden.shape[:2])}"
@@ -70,7 +80,7 @@ def pool_tokens(hidden: Tensor, mask: Tensor | None, mode: str) -> Tensor:
         pos = torch.arange(mask.shape[1], device=mask.device)
         idx = (mask.to(torch.long) * pos).argmax(dim=1)
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
-    raise ValueError(f"unknown pooling {mode!r}; expected one of ('cls', 'mean', 'last')")
+    raise ValueError(f"unknown pooling {mode!r}; mode must be one of ('cls', 'mean', 'last')")
 
 
 def checkpoint_folder(model: nn.Module, filename: str = "modules.json") -> Path | None:

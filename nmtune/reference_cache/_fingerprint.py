@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from nmtune._validation import check_module
+
 _SAMPLES_PER_TENSOR = 64
 
 # what each part of the fingerprint covers, for the message that says what changed
@@ -106,6 +108,7 @@ def model_fingerprint(model: nn.Module) -> dict[str, str]:
         >>> model_fingerprint(net)["weights"] == fp["weights"]
         False
     """
+    check_module("model", model)
     inner = _unwrap(model)
     target = inner.base_model if _is_lora_model(inner) else inner
     tensors = _frozen_tensors(target)

@@ -16,7 +16,14 @@ _Table = TypeVar("_Table", bound="_FeatureTable")
 
 def _key_indices(keys: Any, num_examples: int) -> np.ndarray:
     """``keys`` as an array of row indices: 1-D, integer, in range, no duplicates."""
-    keys = keys if isinstance(keys, Tensor) else torch.as_tensor(keys)
+    if not isinstance(keys, Tensor):
+        try:
+            keys = torch.as_tensor(keys)
+        except (RuntimeError, TypeError, ValueError) as err:
+            raise TypeError(f"keys must be a 1-D integer tensor of example indices; got {type(keys).__name__}") from err
+    if keys.is_meta or keys.is_complex():
+        raise TypeError(f"keys must be a 1-D integer tensor of example indices with values; got {keys.dtype} "
+                        f"on {keys.device}")
     if keys.dim() != 1 or keys.numel() == 0 or keys.dtype.is_floating_point or keys.dtype == torch.bool:
         raise ValueError(
             f"keys must be a non-empty 1-D integer tensor of example indices; got dtype {keys.dtype}, "
@@ -58,8 +65,13 @@ def _verify_rows(idx: np.ndarray, cached: Tensor, recomputed: Tensor, tol: float
 def _check_features(features: Any, num_keys: int) -> None:
     if not isinstance(features, Tensor) or not features.is_floating_point():
         raise TypeError(f"features must be a floating tensor; got {type(features).__name__}")
-    if features.dim() != 2 or features.shape[0] != num_keys:
-        raise ValueError(f"features must have shape (B, D) with B = {num_keys} keys; got {tuple(features.shape)}")
+    if features.dim() != 2 or features.shape[0] != num_keys or features.shape[1] < 1:
+        raise ValueError(f"features must have shape (B, D), D >= 1, with B = {num_keys} keys; got "
+                         f"{tuple(features.shape)}")
+    if features.is_meta:
+        raise ValueError("features is a meta tensor (a shape without values); the cache stores values")
+    if not bool(torch.isfinite(features).all()):  # the rows are copied to the cache's storage anyway
+        raise ValueError("features hold NaN or Inf; the cache stores only finite reference features")
 
 
 def _check_fit(features: Tensor, dim: int | None, dtype: torch.dtype | None) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from nmtune._validation import check_int, check_real
+from nmtune._validation import check_device, check_int, check_real
 from nmtune.reference_cache._prepass import _lora_reference, _split_batch
 from nmtune.reference_cache._protocol import _ReferenceProtocol
 from nmtune.reference_cache._storage import _parse_dtype
@@ -34,9 +34,11 @@ def _check_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
 
 
 def _json_context(context: Mapping[str, Any] | None) -> dict[str, Any]:
+    if context is not None and not isinstance(context, Mapping):
+        raise TypeError(f"context must be a mapping of names to JSON values or None; got {type(context).__name__}")
     try:
         return json.loads(json.dumps(dict(context or {}), sort_keys=True))
-    except TypeError as err:
+    except (TypeError, ValueError) as err:
         raise TypeError(f"context must map names to JSON values (str, int, float, bool, None); {err}") from err
 
 
@@ -95,6 +97,7 @@ class ReferenceCache(_ReferenceProtocol):
         verify_batches = check_int("verify_batches", verify_batches, minimum=0)
         verify_tol = check_real("verify_tol", verify_tol, minimum=0.0)
         commit_every = check_int("commit_every", commit_every, minimum=1)
+        device = check_device("device", device)
         super().__init__(
             num_examples, dim, dtype, verify_batches=verify_batches, verify_tol=verify_tol, commit_every=commit_every,
             context=_json_context(context), path=None if path is None else Path(path), device=device,
