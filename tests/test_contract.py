@@ -690,6 +690,51 @@ def test_pool_tokens():
     run()
 
 
+def test_spectrum_monitor():
+    from nmtune.integrations import SpectrumCallback, SpectrumMonitor
+
+    net = nn.Linear(4, 6)
+
+    @PROFILE
+    @given(probe=st.one_of(arrays(st.sampled_from([(8, 4), (1, 4), (0, 4), (8, 3), (8,), ()])), JUNK),
+           every=st.one_of(st.integers(-2, 3), JUNK), normalize_rows=st.one_of(st.booleans(), JUNK))
+    def run(probe, every, normalize_rows):
+        monitor = call(SpectrumMonitor, ("probe", "every_n_steps", "normalize_rows"), probe, every,
+                       normalize_rows=normalize_rows)
+        if monitor is REFUSED:
+            return
+        # torch's own errors for a probe the model cannot take (wrong width, dtype): the user's model, not nmtune
+        out = call(monitor.step, ("probe", "features", "features_fn", "z"), net,
+                   unnamed=(RuntimeError,))
+        if out is not REFUSED:
+            assert set(out) == {"sve", "lsvr", "effective_rank"}
+            if moderate(probe, 1e30):
+                assert all(math.isfinite(v) for v in out.values()), out
+        cb = call(SpectrumCallback, ("probe", "every_n_steps", "normalize_rows"), probe, every,
+                  normalize_rows=normalize_rows)
+        assert cb is REFUSED or isinstance(cb, SpectrumCallback)
+
+    run()
+
+
+def test_sentence_transformers_loss():
+    pytest.importorskip("sentence_transformers")
+    from nmtune.integrations import NMTuneDataCollator, NMTuneSentenceLoss
+
+    @PROFILE
+    @given(model=JUNK, loss=st.one_of(JUNK, st.just(nn.Linear(2, 2))), config=st.one_of(
+        st.sampled_from(["paper", "official", "nope"]), JUNK), key_column=st.one_of(st.just("idx"), JUNK))
+    def run(model, loss, config, key_column):
+        # no SentenceTransformer is built here (seconds each); a junk model or loss must be refused by name
+        out = call(NMTuneSentenceLoss, ("model", "loss", "config"), model, loss, config)
+        assert out is REFUSED
+        col = call(NMTuneDataCollator, ("key_column", "tokenize_fn", "preprocess_fn"), lambda texts: {},
+                   key_column=key_column)
+        assert col is REFUSED or (isinstance(key_column, str) and col.key_column == key_column)
+
+    run()
+
+
 # ----------------------------------------------------------------------------------------- completeness
 
 CONTRACTS: dict[str, Callable[..., Any]] = {
@@ -722,6 +767,10 @@ CONTRACTS: dict[str, Callable[..., Any]] = {
     "nmtune.lora.unwrap_model": test_lora_helpers,
     "nmtune.lora.pool_tokens": test_pool_tokens,
     "nmtune.reference_cache.model_fingerprint": test_model_fingerprint,
+    "nmtune.integrations.SpectrumMonitor": test_spectrum_monitor,
+    "nmtune.integrations.SpectrumCallback": test_spectrum_monitor,
+    "nmtune.integrations.NMTuneSentenceLoss": test_sentence_transformers_loss,
+    "nmtune.integrations.NMTuneDataCollator": test_sentence_transformers_loss,
 }
 # Names that are not entry points taking user input, and why.
 NOT_CALLABLE: dict[str, str] = {

@@ -376,6 +376,14 @@ class NMTuneDataCollator(SentenceTransformerDataCollator):
 
     key_column: str = "idx"
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.key_column, str) or not self.key_column:
+            raise TypeError(f"key_column must be a non-empty str naming the dataset's key column; "
+                            f"got {type(self.key_column).__name__} {self.key_column!r}")
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:
+            parent()
+
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         if not features:
             return {}
