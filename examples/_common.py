@@ -20,6 +20,8 @@ regime agree:
 
 from __future__ import annotations
 
+import argparse
+
 import math
 import os
 import pathlib
@@ -31,6 +33,8 @@ import numpy as np
 
 __all__ = [
     "SPECTRUM_NORMALIZE_ROWS",
+    "noise_ratio",
+    "seed_list",
     "atomic_save",
     "atomic_write_text",
     "cpu_seconds",
@@ -42,6 +46,42 @@ __all__ = [
 
 #: Spectral metrics (SVE, LSVR, spectra) of both studies use L2-normalised rows.
 SPECTRUM_NORMALIZE_ROWS = True
+
+
+def seed_list(text: str) -> list[int]:
+    """The command lines' one way to give seeds: ``"3,4,5"``, or ``3 4 5`` with ``nargs="+"``
+    (each item may itself be a comma list; flatten with :func:`flat`).
+
+    Example:
+        >>> seed_list("3,4,5"), seed_list("7")
+        ([3, 4, 5], [7])
+    """
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds are integers, alone or comma-separated (3,4,5); got {text!r}") from None
+
+
+def flat(groups: Iterable[Iterable[int]] | None) -> list[int] | None:
+    """``[[3, 4], [5]]`` -> ``[3, 4, 5]`` (``None`` stays ``None``)."""
+    return None if groups is None else [x for g in groups for x in g]
+
+
+def noise_ratio(text: str) -> float:
+    """The command lines' one unit for noise and swap ratios: a fraction in [0, 1] (0.1 = 10 %).
+
+    Example:
+        >>> noise_ratio("0.1")
+        0.1
+    """
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a noise ratio is a fraction in [0, 1] (0.1 = 10 %); got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(
+            f"a noise ratio is a fraction in [0, 1] (0.1 = 10 %), not a percentage; got {text!r}")
+    return value
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:

@@ -45,7 +45,7 @@ sys.path.insert(0, str(HERE))
 import _clip_data as cd  # noqa: E402
 import _vision_data as vd  # noqa: E402
 import _report as rp  # noqa: E402
-from _common import atomic_save, mean_std  # noqa: E402
+from _common import atomic_save, flat, mean_std, noise_ratio, seed_list  # noqa: E402
 import evaluate as ev  # noqa: E402
 import pretrain_clip as pc  # noqa: E402
 
@@ -444,25 +444,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/contrastive")
     p.add_argument("--tiny", action="store_true")
-    p.add_argument("--gammas", nargs="+", type=float, default=None, help="swap ratios in %% (default 0 5 10 20 30)")
-    p.add_argument("--pretrain-seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--tune-seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--gammas", nargs="+", type=noise_ratio, default=None,
+                   help="swap ratios as fractions (0.1 = 10%%; default 0 0.05 0.1 0.2 0.3)")
+    p.add_argument("--pretrain-seeds", nargs="+", type=seed_list, default=[[0, 1, 2]])
+    p.add_argument("--seeds", "--tune-seeds", dest="seeds", nargs="+", type=seed_list, default=[[0, 1, 2]],
+                   help="tuning seeds (--tune-seeds is the old name)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--open-clip-checkpoint", default=None,
                    help="evaluate this open_clip_train checkpoint instead (needs --model and --gamma)")
     p.add_argument("--model", default=None, help="--model given to open_clip_train (e.g. local-dir:FOLDER)")
-    p.add_argument("--gamma", type=float, default=None, help="swap ratio of --open-clip-checkpoint (0.1 = 10%%)")
+    p.add_argument("--gamma", type=noise_ratio, default=None, help="swap ratio of --open-clip-checkpoint (0.1 = 10%%)")
     a = p.parse_args(argv)
+    a.pretrain_seeds, a.seeds = flat(a.pretrain_seeds), flat(a.seeds)
     if a.open_clip_checkpoint is not None:
         if a.model is None or a.gamma is None:
             raise ValueError("--open-clip-checkpoint needs --model and --gamma")
         res = evaluate_checkpoint(a.open_clip_checkpoint, a.model, a.out, gamma=a.gamma, tasks=vd.offline_tasks(
-            tiny=a.tiny), settings=ev.TuneSettings(seeds=tuple(a.tune_seeds), epochs=3 if a.tiny else 30))
+            tiny=a.tiny), settings=ev.TuneSettings(seeds=tuple(a.seeds), epochs=3 if a.tiny else 30))
         print(ev.results_markdown(res["records"]))
         return res
-    gammas = tuple(g / 100 for g in a.gammas) if a.gammas else GAMMAS
+    gammas = tuple(a.gammas) if a.gammas else GAMMAS
     res = run_regime(pathlib.Path(a.out), tiny=a.tiny, gammas=gammas, pretrain_seeds=a.pretrain_seeds,
-                     tune_seeds=a.tune_seeds, progress=not a.no_progress)
+                     tune_seeds=a.seeds, progress=not a.no_progress)
     print((pathlib.Path(a.out) / "results.md").read_text())
     return res
 

@@ -44,7 +44,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import _vision_data as vd  # noqa: E402
 import pretrain as pt  # noqa: E402
-from _common import SPECTRUM_NORMALIZE_ROWS, atomic_save, atomic_write_text, mean_std  # noqa: E402
+from _common import SPECTRUM_NORMALIZE_ROWS, atomic_save, atomic_write_text, flat, mean_std, noise_ratio, \
+    seed_list  # noqa: E402
 from _report import summarize_records  # noqa: E402
 
 from nmtune import NMTuneConfig, TuningConfig, evaluate, extract_features, fit  # noqa: E402
@@ -537,14 +538,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--backbone", required=True, help="model.pt written by pretrain.py")
     p.add_argument("--out", required=True)
     p.add_argument("--arch", default=None, help="timm name when --backbone is a plain timm checkpoint or 'hub'")
-    p.add_argument("--gamma", type=float, default=None, help="noise ratio of the backbone (default: from model.pt)")
+    p.add_argument("--gamma", type=noise_ratio, default=None,
+                   help="noise ratio of the backbone as a fraction (default: from model.pt)")
     p.add_argument("--task", action="append", default=[],
                    help="task spec (cifar10:ROOT, folder:ROOT, domains:ROOT:SOURCE, variants:TRAIN:V1,V2); "
                         "default: the offline tasks")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--download", action="store_true")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--seeds", nargs="+", type=seed_list, default=[[0, 1, 2]], help="tuning seeds (3,4,5 or 3 4 5)")
     p.add_argument("--fractions", nargs="+", type=float, default=[1.0])
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--tune-batch-size", type=int, default=256)
@@ -563,7 +565,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise ValueError("--arch checkpoints carry no noise ratio; pass --gamma")
     else:
         gamma = float(torch.load(a.backbone, weights_only=False).get("noise", 0.0))
-    tuning = TuneSettings(methods=a.methods, seeds=a.seeds, fractions=a.fractions, epochs=a.epochs,
+    tuning = TuneSettings(methods=a.methods, seeds=flat(a.seeds), fractions=a.fractions, epochs=a.epochs,
                           loss_config=a.loss_preset, batch_size=a.tune_batch_size)
     res = run_evaluation(a.backbone, tasks, a.out, gamma=gamma, tuning=tuning, lora=a.lora,
                          lora_epochs=a.lora_epochs, arch=a.arch, batch_size=a.batch_size, workers=a.workers)

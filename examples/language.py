@@ -52,7 +52,7 @@ from nmtune import NMTuneConfig, NMTuneHead, TuningConfig, evaluate, fit  # noqa
 from nmtune.analysis import spectrum_summary  # noqa: E402
 
 import _stats as S  # noqa: E402
-from _common import SPECTRUM_NORMALIZE_ROWS, atomic_write_text, machine_info, mean_std  # noqa: E402
+from _common import SPECTRUM_NORMALIZE_ROWS, atomic_write_text, flat, machine_info, mean_std, seed_list  # noqa: E402
 from _encoders import (  # noqa: E402
     SentenceTransformerEncoder,
     TextEncoder,
@@ -533,7 +533,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--task", default="wordnet", help="wordnet | tiny | glue | comma-separated GLUE tasks")
     p.add_argument("--encoder", default="minilm", help="minilm | hf:NAME_OR_PATH | st:NAME_OR_PATH")
     p.add_argument("--pooling", default="mean", choices=("cls", "mean", "last", "pooler"))
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seeds", type=seed_list, nargs="+", default=[[0, 1, 2]], help="tuning seeds (3,4,5 or 3 4 5)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--cache-dir", default=None, help="embedding cache (default ~/.cache/nmtune/embeddings)")
     p.add_argument("--data-dir", default=None, help="local GLUE/GLUE-X files instead of the hub")
@@ -550,7 +550,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         p.error("--refresh-results writes to examples/results/language; do not combine it with --out")
     out = RESULTS_OUT if args.refresh_results else Path(args.out or DEFAULT_OUT)
     res = run_study(
-        out, tiny=args.tiny, task=args.task, encoder=args.encoder, pooling=args.pooling, seeds=args.seeds,
+        out, tiny=args.tiny, task=args.task, encoder=args.encoder, pooling=args.pooling, seeds=flat(args.seeds),
         methods=args.methods, cache_dir=args.cache_dir, data_dir=args.data_dir, max_train=args.max_train,
         max_eval=args.max_eval, loss_preset=args.loss_preset, batch_size=args.batch_size, epochs=args.epochs,
         command=command,

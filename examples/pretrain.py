@@ -40,7 +40,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import _train_loop as tl  # noqa: E402
 import _vision_data as vd  # noqa: E402
-from _common import atomic_save  # noqa: E402
+from _common import atomic_save, noise_ratio  # noqa: E402
 
 from nmtune.noise import asymmetric_noise, symmetric_noise  # noqa: E402
 
@@ -428,7 +428,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--download", action="store_true")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--arch", default=GLYPH_ARCH)
-    p.add_argument("--noise", type=float, default=0.0)
+    p.add_argument("--gamma", "--noise", dest="noise", type=noise_ratio, default=0.0,
+                   help="label noise ratio as a fraction (0.1 = 10%%); --noise is the same flag")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.1)

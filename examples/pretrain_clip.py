@@ -50,7 +50,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import _clip_data as cd  # noqa: E402
-from _common import atomic_save  # noqa: E402
+from _common import atomic_save, noise_ratio  # noqa: E402
 import _train_loop as tl  # noqa: E402
 import noisy_shards as ns  # noqa: E402
 
@@ -414,7 +414,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {"folder": a.folder}
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
-    p.add_argument("--gamma", type=float, default=0.0, help="fraction of swapped pairs (0.1 = 10%%)")
+    p.add_argument("--gamma", type=noise_ratio, default=0.0, help="fraction of swapped pairs (0.1 = 10%%)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=ClipPretrainConfig.epochs)
     p.add_argument("--batch-size", type=int, default=ClipPretrainConfig.batch_size)

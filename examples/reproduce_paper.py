@@ -59,7 +59,7 @@ import _report as R  # noqa: E402,F401
 import _vision_data as vd  # noqa: E402
 import evaluate as ev  # noqa: E402
 import pretrain as pt  # noqa: E402
-from _common import atomic_save, atomic_write_text, cpu_seconds  # noqa: E402
+from _common import atomic_save, atomic_write_text, cpu_seconds, flat, noise_ratio, seed_list  # noqa: E402
 from _report import write_report  # noqa: E402
 
 from nmtune import NMTuneConfig  # noqa: E402
@@ -101,11 +101,6 @@ def _tag(gamma: float) -> str:
     return f"g{round(100 * gamma):02d}"
 
 
-def _ints(text: str) -> list[int]:
-    """``"3,4,5"`` or ``"3"`` -> ints (``--seeds 3,4,5`` and ``--seeds 3 4 5`` both work)."""
-    return [int(x) for x in text.split(",") if x.strip()]
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=None, help="output folder (default runs/reproduce, or runs/reproduce-PROFILE)")
@@ -118,11 +113,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--full", action="store_true", help="run every ablation (%s)" % ", ".join(ABLATIONS))
     p.add_argument("--ablations", nargs="*", default=None, choices=ABLATIONS,
                    help="ablations to run (default: the profile's; --full: all)")
-    p.add_argument("--ablation-gamma", type=float, default=10.0, help="noise ratio (%%) of the ablations")
-    p.add_argument("--gammas", nargs="+", type=float, default=None, help="noise ratios in %% (default 0 5 10 20 30)")
-    p.add_argument("--pretrain-seeds", nargs="+", type=_ints, default=None,
+    p.add_argument("--ablation-gamma", type=noise_ratio, default=0.1, help="noise ratio of the ablations (0.1 = 10%%)")
+    p.add_argument("--gammas", nargs="+", type=noise_ratio, default=None,
+                   help="noise ratios as fractions (0.1 = 10%%; default: the profile's)")
+    p.add_argument("--pretrain-seeds", nargs="+", type=seed_list, default=None,
                    help="pre-training seeds, one model per noise ratio each (default 0,1,2)")
-    p.add_argument("--seeds", nargs="+", type=_ints, default=None, help="tuning seeds (default 0,1,2)")
+    p.add_argument("--seeds", nargs="+", type=seed_list, default=None, help="tuning seeds (default: the profile's)")
     p.add_argument("--dataset", default="glyphs", choices=["glyphs", "imagenet", "imagefolder", "cifar10", "cifar100"])
     p.add_argument("--data-root", default=None)
     p.add_argument("--download", action="store_true", help="let torchvision download CIFAR")
@@ -159,20 +155,16 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _flat(groups: list[list[int]] | None) -> list[int] | None:
-    return None if groups is None else [x for g in groups for x in g]
-
-
 def _settings(a: argparse.Namespace) -> dict[str, Any]:
     prof = PROFILES[a.profile]
-    gammas = [g / 100 for g in a.gammas] if a.gammas else list(prof["gammas"])
+    gammas = list(a.gammas) if a.gammas else list(prof["gammas"])
     ablations = list(ABLATIONS) if a.full else list(prof["ablations"] if a.ablations is None else a.ablations)
     clip = dict(prof["clip"])
     return dict(
         profile=a.profile,
         gammas=gammas,
-        pretrain_seeds=_flat(a.pretrain_seeds) or ([0, 1] if a.tiny else list(prof["pretrain_seeds"])),
-        seeds=_flat(a.seeds) or ([0, 1] if a.tiny else list(prof["seeds"])),
+        pretrain_seeds=flat(a.pretrain_seeds) or ([0, 1] if a.tiny else list(prof["pretrain_seeds"])),
+        seeds=flat(a.seeds) or ([0, 1] if a.tiny else list(prof["seeds"])),
         pretrain_epochs=a.pretrain_epochs or (2 if a.tiny else prof["pretrain_epochs"]),
         pretrain_per_char=prof["pretrain_per_char"],
         pretrain_channels_last=prof["pretrain_channels_last"],
@@ -180,7 +172,7 @@ def _settings(a: argparse.Namespace) -> dict[str, Any]:
         tune_epochs=3 if a.tiny and a.tune_epochs == 30 else a.tune_epochs,
         protocols=list(a.protocols or prof["protocols"]),
         ablations=ablations,
-        ablation_gamma=a.ablation_gamma / 100,
+        ablation_gamma=a.ablation_gamma,
         lambdas=list(a.lambdas or LAMBDAS),
         clip={} if a.tiny else clip,
     )

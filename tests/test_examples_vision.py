@@ -402,7 +402,7 @@ def test_reproduce_paper_regime_all_has_a_section_per_regime(tmp_path, monkeypat
     calls = []
     monkeypatch.setitem(sys.modules, "contrastive", _fake_contrastive(calls))
     out = tmp_path / "study"
-    rp.main(["--regime", "all", "--tiny", "--out", str(out), "--no-progress", "--gammas", "0", "10",
+    rp.main(["--regime", "all", "--tiny", "--out", str(out), "--no-progress", "--gammas", "0", "0.1",
              "--ablations"])
     report = (out / "report.md").read_text()
     assert report.index("## Supervised regime") < report.index("## Contrastive regime")

@@ -216,3 +216,25 @@ def test_pretrain_rule_quotes_the_committed_calibration():
 def test_draw_decided_names_claims_with_seed_estimates_of_both_signs():
     claims = [{"claim": "a", "per_pretrain_seed": [1.0, -1.0]}, {"claim": "b", "per_pretrain_seed": [1.0, 2.0]}]
     assert DG.draw_decided(claims) == ["a"]
+
+
+def test_example_flags_share_one_vocabulary(capsys):
+    """Noise ratios are fractions everywhere (a percentage is refused, naming the unit); seed lists
+    are comma lists or repeated values everywhere; tuning seeds are --seeds."""
+    import contrastive
+    import language
+    import pretrain_clip as pc
+
+    for main, argv in ((rp.main, ["--gammas", "10"]), (rp.main, ["--ablation-gamma", "10"]),
+                       (contrastive.main, ["--gammas", "30"]), (pt.main, ["--out", "x", "--gamma", "10"]),
+                       (pt.main, ["--out", "x", "--noise", "10"]), (pc.main, ["--out", "x", "--gamma", "10"]),
+                       (ev.main, ["--backbone", "x", "--out", "x", "--gamma", "10"])):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert "a fraction in [0, 1]" in capsys.readouterr().err
+    s = rp._settings(rp._parser().parse_args(["--gammas", "0", "0.3", "--seeds", "3,4", "--pretrain-seeds", "5", "6,7"]))
+    assert s["gammas"] == [0.0, 0.3] and s["seeds"] == [3, 4] and s["pretrain_seeds"] == [5, 6, 7]
+    for main in (contrastive.main, language.main, ev.main):
+        with pytest.raises(SystemExit):
+            main(["--seeds", "3,x"])
+        assert "seeds are integers" in capsys.readouterr().err
