@@ -438,3 +438,25 @@ def test_reference_cache_lookups_read_keys_on_the_host(tmp_path: Path) -> None:
     keys = torch.tensor([1, 5, 2])
     assert _syncs(lambda: cache.get(keys)) >= 1
     torch.testing.assert_close(cache.get(keys), reference(x[keys]))
+
+
+def test_seed_stability_compares_disjoint_seed_sets(tmp_path: Path) -> None:
+    stability = _load("seed_stability", ROOT / "tools" / "seed_stability.py")
+
+    def run(name: str, pretrain: list[int], verdicts: list[str]) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        claims = [{"claim": f"claim {i}", "regime": "supervised", "verdict": v, "estimate": 1.0, "ci_low": 0.5,
+                   "ci_high": 1.5, "unit": "points"} for i, v in enumerate(verdicts)]
+        (d / "claims.json").write_text(json.dumps(claims))
+        (d / "results.json").write_text(json.dumps({"settings": {"pretrain_seeds": pretrain, "seeds": [0, 1]}}))
+        return d
+
+    a = run("a", [0, 1], ["reproduced", "inconclusive", "contradicted"])
+    b = run("b", [2, 3], ["reproduced", "reproduced", "reproduced"])
+    text = stability.compare(a, b, ["cmd a", "cmd b"])
+    rows = sync_docs.table_with(text, "claim", "changed")
+    assert [r["changed"] for r in rows] == ["", "yes", "yes"]
+    assert text.rstrip().endswith("Verdicts flipping between reproduced and contradicted: 1.")
+    with pytest.raises(ValueError, match="disjoint"):
+        stability.compare(a, run("c", [1, 5], ["reproduced"] * 3), ["cmd a", "cmd c"])

@@ -34,8 +34,10 @@ def compare(a: Path, b: Path, commands: list[str]) -> str:
     """The markdown comparison of run ``a`` (the committed one) and run ``b``."""
     ca, cb = (json.loads((r / "claims.json").read_text()) for r in (a, b))
     sa, sb = _seeds(a), _seeds(b)
-    if sa == sb:
-        raise ValueError(f"both runs used {sa}; the comparison needs disjoint seed sets")
+    pa, pb = (set(json.loads((r / "results.json").read_text())["settings"]["pretrain_seeds"]) for r in (a, b))
+    if pa & pb:
+        raise ValueError(f"both runs pre-trained with seeds {sorted(pa & pb)}; the comparison needs disjoint "
+                         "pre-training seed sets")
     lines = ["# Seed stability of the committed study's verdicts", "",
              f"Same code and settings, two disjoint seed sets (pre-training / tuning): the committed run "
              f"(`{commands[0]}`) and `{commands[1]}`. Estimates and combined 95% intervals as in "
