@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import json
 import os
 import pathlib
@@ -237,7 +238,10 @@ def pretrain(
         device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
     if distributed and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # NMTUNE_DIST_TIMEOUT (seconds, default torch's 30 minutes): how long a rank waits for the others
+        # (rendezvous, collectives) before it fails and torchrun may restart the group
+        timeout = datetime.timedelta(seconds=float(os.environ.get("NMTUNE_DIST_TIMEOUT", "1800")))
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
     if device.type == "cuda":
         torch.cuda.set_device(device)
 
