@@ -273,6 +273,11 @@ def fmt(value: Any) -> str:
     return str(value)
 
 
+def significant(value: float, digits: int = 4) -> float:
+    """``value`` to ``digits`` significant digits: a time or rate never rounds to zero on a fast machine."""
+    return float(f"{value:.{digits}g}")
+
+
 def write_report(out_dir: Path, name: str, lines: Sequence[str]) -> None:
     """Write ``out_dir/<name>.md``, print it, and say where the CSV and markdown went."""
     text = "\n".join(lines)

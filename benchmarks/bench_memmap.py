@@ -115,7 +115,7 @@ def _child(args: argparse.Namespace) -> dict[str, float | str]:
         seconds = time.perf_counter() - start
         return dict(rows=x.shape[0], file_MiB=round(os.path.getsize(args.x) / MIB, 1),
                     private_before_MiB=round(before / 1024, 1), private_peak_MiB=round(sampler.peak_kib / 1024, 1),
-                    growth_MiB=round((sampler.peak_kib - before) / 1024, 1), epoch_s=round(seconds, 1),
+                    growth_MiB=round((sampler.peak_kib - before) / 1024, 1), epoch_s=float(f"{seconds:.4g}"),
                     rows_per_s=round(x.shape[0] / seconds))
     # throughput: memmap vs an in-memory tensor of the same rows, interleaved
     fit(torch.randn(64, x.shape[1]), torch.arange(64) % 2, "nmtune", config=TuningConfig(epochs=1, batch_size=32))

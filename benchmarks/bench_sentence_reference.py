@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         "nmtune_lora": _step(lora_model, lora_wrapped, features, {}),
     }
     ms = _cpu_medians(fns, args.repeats)
-    rows = [{"mode": name, "cpu_ms": round(t, 1),
+    rows = [{"mode": name, "cpu_ms": C.significant(t),
              "/base": round(t / ms["base"], 3),
              "/lora": round(t / ms["lora"], 3) if "lora" in name else ""} for name, t in ms.items()]
     C.write_csv(rows, args.out_dir / "bench_sentence_reference.csv")
