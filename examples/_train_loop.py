@@ -9,6 +9,8 @@ One implementation each of what a resumable loop needs:
 * :class:`ResumableSampler` and :func:`batches_from`: start an epoch at step ``k``
   without loading the ``k`` batches before it, in the order an uninterrupted run
   draws;
+* :func:`init_distributed`: join the process group ``torchrun`` describes, in a
+  store scope of its own per restart attempt (see its docstring for why);
 * :class:`Checkpointer`: an atomic ``checkpoint.pt`` (model, optimizer, scheduler,
   AMP scaler, every RNG of every rank, the epoch and the *position in the epoch*)
   written after every epoch and, with ``every_steps``, every N optimizer steps,
@@ -40,12 +42,14 @@ checkpoint of a first attempt (``TORCHELASTIC_RESTART_COUNT`` unset or 0).
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import itertools
 import math
 import os
 import pathlib
 import random
 import signal
+import warnings
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
@@ -60,6 +64,7 @@ __all__ = [
     "batches_from",
     "capture_rng",
     "check_every_steps",
+    "init_distributed",
     "restore_rng",
     "save_atomic",
     "seed_everything",
@@ -267,6 +272,43 @@ class Position:
     step: int = 0
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     partial: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def init_distributed(backend: str) -> None:
+    """Join the process group that ``torchrun`` describes in the environment.
+
+    ``NMTUNE_DIST_TIMEOUT`` (seconds; torch's default is 30 minutes) bounds how long a
+    rank waits for the others (rendezvous, collectives) before it fails, so that
+    ``torchrun --max-restarts K`` can restart the group.
+
+    Why not a plain ``init_process_group(backend)``: with its default c10d rendezvous,
+    ``torchrun`` shares its own TCPStore with the workers
+    (``TORCHELASTIC_USE_AGENT_STORE=True``), and that store outlives a failed attempt.
+    The restarted group then reads the dead group's keys, gloo's peer addresses among
+    them: a rank connects to a closed port ("Connection refused") or both ranks wait in
+    gloo's full-mesh connect for good (pytorch/pytorch#135712; seen here in 1 of 6
+    restarts). On one node every worker of an attempt sees the same
+    ``TORCHELASTIC_RESTART_COUNT``, so the group gets a store scope of its own per
+    attempt. Across nodes the agents count restarts each on their own, so no such
+    scope is safe: launch with ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (a fresh store
+    every round), which this function asks for with a warning when it is missing.
+    """
+    env = os.environ
+    timeout = datetime.timedelta(seconds=float(env.get("NMTUNE_DIST_TIMEOUT", "1800")))
+    shared = env.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and int(env.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0
+    if shared and int(env.get("GROUP_WORLD_SIZE", "1")) == 1:
+        world = int(env["WORLD_SIZE"])
+        store = torch.distributed.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world, is_master=False,
+                                           timeout=timeout)
+        scoped = torch.distributed.PrefixStore(f"nmtune/attempt-{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        torch.distributed.init_process_group(backend, store=scoped, rank=int(env["RANK"]), world_size=world,
+                                             timeout=timeout)
+        return
+    if shared:
+        warnings.warn("torchrun shares its rendezvous store with the workers across restarts, and a restarted group "
+                      "can read the failed group's addresses and hang (pytorch/pytorch#135712); on several nodes "
+                      "launch with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for a fresh store every round", stacklevel=2)
+    torch.distributed.init_process_group(backend, timeout=timeout)
 
 
 def _dist() -> tuple[int, int]:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import os
 import pathlib
@@ -237,11 +236,9 @@ def pretrain(
     if device is None:
         device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
-    if distributed and not torch.distributed.is_initialized():
-        # NMTUNE_DIST_TIMEOUT (seconds, default torch's 30 minutes): how long a rank waits for the others
-        # (rendezvous, collectives) before it fails and torchrun may restart the group
-        timeout = datetime.timedelta(seconds=float(os.environ.get("NMTUNE_DIST_TIMEOUT", "1800")))
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+    owns_group = distributed and not torch.distributed.is_initialized()
+    if owns_group:
+        tl.init_distributed("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
         torch.cuda.set_device(device)
 
@@ -374,6 +371,10 @@ def pretrain(
                           "arch": config.arch, "num_classes": data.num_classes, "in_chans": data.in_chans,
                           "noise": config.noise}, out / "model.pt")
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    if distributed:
+        torch.distributed.barrier()  # every rank returns once rank 0's files are on disk
+        if owns_group:  # a rank leaving with its gloo threads running can abort at exit ("terminate called ...")
+            torch.distributed.destroy_process_group()
     return metrics
 
 
