@@ -179,3 +179,38 @@ def test_save_atomic_leaves_no_temporary_file(tmp_path) -> None:
     tl.save_atomic({"a": torch.ones(2)}, tmp_path / "x.pt")
     assert [p.name for p in tmp_path.iterdir()] == ["x.pt"]
     assert torch.equal(torch.load(tmp_path / "x.pt")["a"], torch.ones(2))
+
+
+def test_init_distributed_scopes_torchruns_shared_store_per_restart_attempt(monkeypatch) -> None:
+    """Under torchrun with restarts on one node, the group's store is the agent's TCPStore under a
+    prefix of the attempt; on several nodes a warning names TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1;
+    without restarts or with the variable set, a plain env:// init."""
+    import warnings
+
+    calls: list[dict] = []
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend, **kw: calls.append(kw))
+    monkeypatch.setattr(torch.distributed, "TCPStore", lambda *a, **kw: ("store", a, kw))
+    monkeypatch.setattr(torch.distributed, "PrefixStore", lambda prefix, store: (prefix, store))
+    env = {"TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_MAX_RESTARTS": "1", "GROUP_WORLD_SIZE": "1",
+           "TORCHELASTIC_RESTART_COUNT": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29400", "RANK": "1",
+           "WORLD_SIZE": "2", "NMTUNE_DIST_TIMEOUT": "7"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    tl.init_distributed("gloo")
+    (kw,) = calls
+    prefix, (_, args, store_kw) = kw["store"]
+    assert prefix == "nmtune/attempt-1" and args == ("127.0.0.1", 29400, 2) and store_kw["is_master"] is False
+    assert kw["rank"] == 1 and kw["world_size"] == 2 and kw["timeout"].total_seconds() == 7
+
+    calls.clear()
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "2")
+    with pytest.warns(UserWarning, match="TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"):
+        tl.init_distributed("gloo")
+    assert "store" not in calls[0]
+
+    calls.clear()
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")  # what the variable makes torchrun export
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tl.init_distributed("gloo")
+    assert calls == [{"timeout": calls[0]["timeout"]}]
