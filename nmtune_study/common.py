@@ -1,4 +1,4 @@
-"""What every example shares: atomic writes, machine info, simple statistics, metrics.
+"""What every part of the study shares: atomic writes, machine info, simple statistics, metrics.
 
 One definition each, so the vision study, the language study and the contrastive
 regime agree:
@@ -10,18 +10,22 @@ regime agree:
 * :func:`spearman`: ``scipy.stats.spearmanr`` (0 where one side is constant);
 * :func:`macro_f1`: ``sklearn.metrics.f1_score(average="macro")``, scikit-learn's
   definition (the mean over the classes present in the labels *or* the predictions);
+* :func:`binary_f1`, :func:`matthews`, :func:`pearson`: the GLUE metrics of the language
+  study, scikit-learn's ``f1_score`` of one class and ``matthews_corrcoef`` and
+  ``scipy.stats.pearsonr`` (0 where a side is constant, as :func:`spearman`);
 * :data:`SPECTRUM_NORMALIZE_ROWS`: whether SVE / LSVR / spectra of the studies are
   taken on L2-normalised feature rows (``True``: the authors' analysis convention,
   which makes the metrics independent of the feature scale). Both the vision study
   (``evaluate.py``) and the language study (``language.py``) use it;
 * :func:`cpu_seconds`: CPU time of this process and its children (what a run costs on
-  a shared machine, where wall time is noisy).
+  a shared machine, where wall time is noisy);
+* :func:`committed_results`: ``examples/results/`` of the source checkout, where
+  ``--refresh-results`` copies a run (never written by default).
 """
 
 from __future__ import annotations
 
 import argparse
-
 import math
 import os
 import pathlib
@@ -37,10 +41,14 @@ __all__ = [
     "seed_list",
     "atomic_save",
     "atomic_write_text",
+    "binary_f1",
+    "committed_results",
     "cpu_seconds",
     "machine_info",
     "macro_f1",
+    "matthews",
     "mean_std",
+    "pearson",
     "spearman",
 ]
 
@@ -187,3 +195,67 @@ def macro_f1(y_true: Sequence[int] | np.ndarray, y_pred: Sequence[int] | np.ndar
     from sklearn.metrics import f1_score
 
     return float(f1_score(np.asarray(y_true), np.asarray(y_pred), average="macro", zero_division=0))
+
+
+def binary_f1(y_true: Sequence[int] | np.ndarray, y_pred: Sequence[int] | np.ndarray, positive: int = 1) -> float:
+    """F1 of class ``positive`` (GLUE's MRPC / QQP metric): ``sklearn.metrics.f1_score`` of that
+    one class, ``zero_division=0`` (also where ``positive`` never occurs).
+
+    Example:
+        >>> binary_f1([1, 1, 0, 0], [1, 0, 1, 0])
+        0.5
+    """
+    from sklearn.metrics import f1_score
+
+    return float(f1_score(np.asarray(y_true), np.asarray(y_pred), labels=[positive], average="macro",
+                          zero_division=0))
+
+
+def matthews(y_true: Sequence[int] | np.ndarray, y_pred: Sequence[int] | np.ndarray) -> float:
+    """Matthews correlation coefficient (GLUE's CoLA metric; multiclass as Gorodkin 2004):
+    ``sklearn.metrics.matthews_corrcoef``, 0 where it is undefined.
+
+    Example:
+        >>> round(matthews([1, 1, 0, 0], [1, 0, 0, 0]), 4)
+        0.5774
+    """
+    import warnings
+
+    from sklearn.metrics import matthews_corrcoef
+
+    with warnings.catch_warnings():  # one label in both: sklearn warns, and the coefficient is 0 by definition
+        warnings.filterwarnings("ignore", message="A single label was found", category=UserWarning)
+        return float(matthews_corrcoef(np.asarray(y_true), np.asarray(y_pred)))
+
+
+def pearson(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -> float:
+    """Pearson's correlation (``scipy.stats.pearsonr``); 0 where either side is constant
+    (scipy gives NaN there).
+
+    Example:
+        >>> round(pearson([0, 1, 2], [0, 2, 4]), 12), pearson([0, 1, 2], [1, 1, 1])
+        (1.0, 0.0)
+    """
+    from scipy.stats import pearsonr
+
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if len(x) != len(y) or len(x) < 2:
+        raise ValueError(f"pearson needs two sequences of equal length >= 2, got {len(x)} and {len(y)}")
+    if np.all(x == x[0]) or np.all(y == y[0]):
+        return 0.0
+    return float(pearsonr(x, y).statistic)
+
+
+def committed_results() -> pathlib.Path:
+    """``examples/results/`` of the source checkout this package was imported from (the
+    committed study results that ``--refresh-results`` overwrites).
+
+    Raises:
+        FileNotFoundError: the package is installed, not imported from a checkout.
+    """
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "results"
+    if not path.is_dir():
+        raise FileNotFoundError(f"--refresh-results writes into a source checkout's examples/results/, but "
+                                f"nmtune_study was imported from {pathlib.Path(__file__).parent}, outside one; "
+                                "run from a checkout (pip install -e .) or pass --out")
+    return path

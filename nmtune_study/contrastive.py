@@ -3,11 +3,11 @@
 For every noise ratio gamma (fraction of image-text pairs whose caption is swapped)
 and pre-training seed, :func:`run_regime`
 
-1. pre-trains the offline CLIP of ``pretrain_clip.py`` on the ``_clip_data`` pairs
+1. pre-trains the offline CLIP of ``pretrain_clip.py`` on the ``data.clip`` pairs
    (checkpoint per epoch; per-epoch contrastive loss and zero-shot accuracy on the
    clean validation split);
 2. extracts the frozen image tower's features (``encode_image``) on the supervised
-   study's ID and OOD tasks (``_vision_data.offline_tasks``), cached per task;
+   study's ID and OOD tasks (``data.vision.offline_tasks``), cached per task;
 3. tunes LP, MLP and NMTune on them with ``evaluate.tune_and_score`` (the paper's
    recipes, the supervised study's tuning seeds) and adds a ``zeroshot`` row:
    classification by cosine similarity to class-name prompt embeddings;
@@ -29,30 +29,26 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import pathlib
 import resource
-import sys
 import time
 from typing import Any, Callable, Sequence
 
 import torch
 
-HERE = pathlib.Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+from nmtune import evaluate, extract_features
+from nmtune_study import evaluate as ev
+from nmtune_study import pretrain_clip as pc
+from nmtune_study.common import atomic_save, atomic_write_text, flat, mean_std, noise_ratio, seed_list
+from nmtune_study.data import clip as cd
+from nmtune_study.data import vision as vd
+from nmtune_study.report import plots as P
+from nmtune_study.report.markdown import contrastive_tables, model_table
+from nmtune_study.report.records import summarize_records
 
-import _clip_data as cd  # noqa: E402
-import _vision_data as vd  # noqa: E402
-import _report as rp  # noqa: E402
-from _common import atomic_save, flat, mean_std, noise_ratio, seed_list  # noqa: E402
-import evaluate as ev  # noqa: E402
-import pretrain_clip as pc  # noqa: E402
-
-from nmtune import evaluate, extract_features  # noqa: E402
-
-__all__ = ["run_regime", "evaluate_checkpoint", "clip_task_features", "zeroshot_records", "task_classes",
-           "results_markdown", "main"]
+__all__ = ["run_regime", "evaluate_checkpoint", "clip_task_features", "zeroshot_records", "task_classes", "main",
+           "run"]
 
 GAMMAS = (0.0, 0.05, 0.10, 0.20, 0.30)
 _CLASS_NAMES = {"digits": "0123456789", "rotated-digits": "0123456789", "heldout-glyphs": vd.HELDOUT_CHARS,
@@ -90,7 +86,7 @@ def clip_task_features(model: torch.nn.Module, task: vd.ImageTask, cache_file: p
     def run(ds):
         if isinstance(ds, vd.TensorImageDataset):
             return pc.encode_images(model, ds.images).float(), ds.labels.clone()
-        loader = torch.utils.data.DataLoader(ds, batch_size=256)  # real data: _vision_data's transforms
+        loader = torch.utils.data.DataLoader(ds, batch_size=256)  # real data: data.vision's transforms
         return extract_features(model, loader, forward=lambda m, x: m.encode_image(pc.to_clip_input(x)))
 
     out = {"train": run(task.train), "tests": {k: run(v) for k, v in task.tests.items()},
@@ -149,9 +145,7 @@ def _evaluate_backbone(load: Callable[[], torch.nn.Module], tasks: Sequence[vd.I
     result = {"settings": key, "records": records, "backbone": bm,
               "seconds": time.time() - t0, "cpu_seconds": _cpu() - c0}
     out.mkdir(parents=True, exist_ok=True)
-    tmp = res_file.with_name("results.json.tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, res_file)
+    atomic_write_text(res_file, json.dumps(result, indent=1))
     return result
 
 
@@ -333,7 +327,7 @@ def run_regime(
               "pretrain_cpu_seconds_recorded": sum(c["cpu_seconds"] for c in curves.values()),
               "evaluate_cpu_seconds_recorded": sum(e["cpu_seconds"] for e in evals.values())}
     figures = _figures(out / "figures", records, backbone, curves)
-    (out / "results.md").write_text(results_markdown(records, backbone, curves, timing))
+    (out / "results.md").write_text(contrastive_tables(records, backbone, curves, timing, methods=METHODS))
     result = {"records": records, "pretrain": curves, "backbone": backbone, "figures": figures, "timing": timing,
               "feature_dim": pc.MODEL_CONFIG["embed_dim"], "chance": 1 / len(val_chars(tiny))}
     (out / "records.json").write_text(json.dumps(
@@ -343,104 +337,15 @@ def run_regime(
 
 def _figures(fig_dir: pathlib.Path, records, backbone, curves) -> list[str]:
     fig_dir.mkdir(parents=True, exist_ok=True)
-    summary = rp.summarize_records(records)  # std over every pre-trained x tuned model
-    paths = [rp.plot_method_comparison(summary, fig_dir / "methods.png", methods=METHODS),
-             rp.plot_spectral_metrics(backbone, fig_dir / "sve_lsvr.png"),
-             _plot_noise_accuracy(summary, fig_dir / "noise_vs_accuracy.png"),
-             _plot_curves(curves, fig_dir / "pretrain_curves.png")]
+    summary = summarize_records(records)  # std over every pre-trained x tuned model
+    paths = [P.plot_method_comparison(summary, fig_dir / "methods.png", methods=METHODS),
+             P.plot_spectral_metrics(backbone, fig_dir / "sve_lsvr.png"),
+             P.plot_clip_noise_accuracy(summary, fig_dir / "noise_vs_accuracy.png", METHODS),
+             P.plot_clip_curves(curves, fig_dir / "pretrain_curves.png")]
     return [str(p) for p in paths]
 
 
-def _plot_noise_accuracy(summary, path: pathlib.Path) -> str:
-    plt = rp.pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    for ax, kind in zip(axes, ("id", "ood")):
-        for m in METHODS:
-            gs = sorted(g for g in summary.get(m, {}) if kind in summary[m][g])
-            if gs:
-                ax.errorbar([100 * g for g in gs], [100 * summary[m][g][kind]["accuracy"][0] for g in gs],
-                            yerr=[100 * summary[m][g][kind]["accuracy"][1] for g in gs], marker="o", capsize=3,
-                            label="NMTune" if m == "nmtune" else m.upper() if m != "zeroshot" else "zero-shot")
-        ax.set_xlabel("swapped image-text pairs (%)")
-        ax.set_ylabel(f"avg {kind.upper()} accuracy (%)")
-        ax.set_title(f"CLIP, {kind.upper()}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    return rp.save_figure(fig, path)
-
-
-def _plot_curves(curves, path: pathlib.Path) -> str:
-    plt = rp.pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    gammas = sorted({c["gamma"] for c in curves.values()})
-    cmap = plt.get_cmap("viridis")
-    for i, g in enumerate(gammas):
-        runs = [c for c in curves.values() if c["gamma"] == g]
-        for ax, key in zip(axes, ("loss", "zeroshot_val")):
-            n = min(len(c[key]) for c in runs)
-            mean = [sum(c[key][e] for c in runs) / len(runs) for e in range(n)]
-            scale = 100 if key == "zeroshot_val" else 1
-            ax.plot(range(1, n + 1), [scale * v for v in mean], marker="o", ms=3,
-                    color=cmap(i / max(1, len(gammas) - 1)), label=f"{100 * g:g}%")
-    axes[0].set_ylabel("contrastive loss (train, noisy pairs)")
-    axes[1].set_ylabel("zero-shot accuracy, clean val (%)")
-    for ax in axes:
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, title="swapped")
-    return rp.save_figure(fig, path)
-
-
-def _mean_last(runs: Sequence[dict[str, Any]], key: str) -> str:
-    """Mean over runs of the last value of a per-epoch curve (``-`` when a run has none)."""
-    last = [c[key][-1] for c in runs if c.get(key) and c[key][-1] is not None]
-    return f"{sum(last) / len(last):.3f}" if len(last) == len(runs) and not any(math.isnan(v) for v in last) else "-"
-
-
-def results_markdown(records, backbone, curves, timing) -> str:
-    """Tables: ID/OOD accuracy and macro-F1 by gamma and method (mean ± std over pre-training
-    x tuning seeds), SVE/LSVR of the frozen features by gamma, pre-training summary."""
-    import _diagnosis as DG
-
-    protocols = DG.by_protocol(records)
-    protocol = "selected" if "selected" in protocols else next(iter(protocols))
-    summary = rp.summarize_records(protocols[protocol])  # std over every pre-trained x tuned model
-    gammas = sorted({float(r["gamma"]) for r in records})
-    lines = [f"## Downstream accuracy ({protocol} protocol; mean ± std over pre-training x tuning seeds; "
-             "zero-shot: over pre-training seeds)", "", "| swapped | method | ID acc | ID F1 | OOD acc | OOD F1 |",
-             "|---|---|---|---|---|---|"]
-    for g in gammas:
-        for m in METHODS:
-            kinds = summary.get(m, {}).get(g)
-            if not kinds:
-                continue
-            cells = []
-            for kind in ("id", "ood"):
-                for key in ("accuracy", "macro_f1"):
-                    mu, sd = kinds.get(kind, {}).get(key, (math.nan, math.nan))
-                    cells.append(f"{100 * mu:.2f} ± {100 * sd:.2f}")
-            lines.append(f"| {100 * g:g}% | {'NMTune' if m == 'nmtune' else m} | " + " | ".join(cells) + " |")
-    lines += ["", "## Frozen image features (mean ± std over pre-training seeds)", "",
-              "| swapped | ID SVE | OOD LSVR |", "|---|---|---|"]
-    for g, b in sorted(backbone.items()):
-        lines.append(f"| {100 * g:g}% | {b.get('id_sve', math.nan):.4f} ± {b.get('id_sve_std', math.nan):.4f} | "
-                     f"{b.get('ood_lsvr', math.nan):.4f} ± {b.get('ood_lsvr_std', math.nan):.4f} |")
-    lines += ["", "## Pre-training (mean over pre-training seeds, last epoch)", "",
-              "| swapped | swapped pairs | naming another character | final loss | zero-shot val acc (clean) |"
-              " memorised | cpu s per run |", "|---|---|---|---|---|---|---|"]
-    for g in sorted({c["gamma"] for c in curves.values()}):
-        runs = [c for c in curves.values() if c["gamma"] == g]
-        mean = lambda f: sum(f(c) for c in runs) / len(runs)  # noqa: E731
-        lines.append(f"| {100 * g:g}% | {runs[0]['num_swapped']}/{runs[0]['num_pairs']} | "
-                     f"{mean(lambda c: c['swapped_other_character']):.0f} | {mean(lambda c: c['loss'][-1]):.4f} | "
-                     f"{100 * mean(lambda c: c['zeroshot_val'][-1]):.2f} | {_mean_last(runs, 'memorised')} | "
-                     f"{mean(lambda c: c['cpu_seconds']):.1f} |")
-    lines += ["", "Timing (s, this call; stages already done are skipped): " +
-              ", ".join(f"{k} {v:.0f}" for k, v in timing.items()), ""]
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def run(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/contrastive")
     p.add_argument("--tiny", action="store_true")
@@ -461,7 +366,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raise ValueError("--open-clip-checkpoint needs --model and --gamma")
         res = evaluate_checkpoint(a.open_clip_checkpoint, a.model, a.out, gamma=a.gamma, tasks=vd.offline_tasks(
             tiny=a.tiny), settings=ev.TuneSettings(seeds=tuple(a.seeds), epochs=3 if a.tiny else 30))
-        print(ev.results_markdown(res["records"]))
+        print(model_table(res["records"]))
         return res
     gammas = tuple(a.gammas) if a.gammas else GAMMAS
     res = run_regime(pathlib.Path(a.out), tiny=a.tiny, gammas=gammas, pretrain_seeds=a.pretrain_seeds,
@@ -470,5 +375,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return res
 
 
+
+def main(argv: list[str] | None = None) -> int:
+    """``python examples/contrastive.py`` / ``python -m nmtune_study.contrastive``: :func:`run`, exit status 0."""
+    run(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

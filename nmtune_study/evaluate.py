@@ -8,7 +8,7 @@ wd 1e-4) for several seeds and downstream data fractions, and scored with
 train split and test on their test split; out-of-domain tasks train on one domain
 and test on each of the others.
 
-Offline default (the glyph/digit tasks of ``_vision_data``)::
+Offline default (the glyph/digit tasks of ``nmtune_study.data.vision``)::
 
     python examples/evaluate.py --backbone runs/reproduce/pretrain/g05/model.pt \\
         --out runs/eval/g05
@@ -30,27 +30,21 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import pathlib
-import sys
 import time
 from typing import Any, Sequence
 
 import torch
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-
-import _vision_data as vd  # noqa: E402
-import pretrain as pt  # noqa: E402
-from _common import SPECTRUM_NORMALIZE_ROWS, atomic_save, atomic_write_text, flat, mean_std, noise_ratio, \
-    seed_list  # noqa: E402
-from _report import summarize_records  # noqa: E402
-
-from nmtune import NMTuneConfig, TuningConfig, evaluate, extract_features, fit  # noqa: E402
-from nmtune.analysis import feature_spectrum, spectrum_summary  # noqa: E402
-from nmtune.noise import symmetric_noise  # noqa: E402
+from nmtune import NMTuneConfig, TuningConfig, evaluate, extract_features, fit
+from nmtune.analysis import feature_spectrum, spectrum_summary
+from nmtune.noise import symmetric_noise
+from nmtune_study import pretrain as pt
+from nmtune_study.common import SPECTRUM_NORMALIZE_ROWS, atomic_save, atomic_write_text, flat, noise_ratio, seed_list
+from nmtune_study.data import vision as vd
+from nmtune_study.report.markdown import model_table
 
 __all__ = [
     "task_features",
@@ -64,8 +58,7 @@ __all__ = [
     "backbone_metrics",
     "spectrum_values",
     "run_evaluation",
-    "results_markdown",
-    "main",
+    "main", "run",
 ]
 
 METHODS = ("lp", "mlp", "nmtune")
@@ -149,7 +142,7 @@ class TuneSettings:
         label_noise: Symmetric noise ratio put on the *downstream* training labels of
             in-domain tasks (seeded by the tuning seed); 0 keeps them clean.
         normalize_rows: Spectral metrics on L2-normalised rows
-            (``_common.SPECTRUM_NORMALIZE_ROWS``, shared with the language study).
+            (``nmtune_study.common.SPECTRUM_NORMALIZE_ROWS``, shared with the language study).
         protocols: ``"paper"``: the paper's learning rate; ``"selected"``: the learning
             rate of :data:`LR_FACTORS` x the paper's with the best accuracy on a validation
             split carved from the task's training data (:func:`validation_split`), chosen
@@ -294,7 +287,7 @@ def tune_and_score(
     regime: str = "supervised",
 ) -> list[dict[str, Any]]:
     """Tune each method on cached features for every seed and data fraction; one record
-    per (protocol, method, seed, fraction, test domain) in ``_report``'s schema, with the
+    per (protocol, method, seed, fraction, test domain) in the study's record schema (:mod:`nmtune_study.report.records`), with the
     ``lr`` used and the final training loss (``train_loss``; NMTune rows also carry
     ``regularizer_scale``). With ``spectra`` given, the singular values of the tuned
     features ``Z`` on the first test set (first seed, full data, first protocol) are stored
@@ -495,45 +488,12 @@ def run_evaluation(
     bm.update(points)
     result = {"settings": settings, "records": records, "backbone": bm, "spectra": spectra,
               "seconds": {"features": t_feat, "total": time.time() - t0}}
-    (out / "table.md").write_text(results_markdown(records, title=f"noise {100 * gamma:g}%"))
+    (out / "table.md").write_text(model_table(records, title=f"noise {100 * gamma:g}%"))
     atomic_write_text(res_file, json.dumps(result, indent=1))
     return result
 
 
-def results_markdown(records: Sequence[dict[str, Any]], *, title: str = "") -> str:
-    """Per-task and averaged table (mean ± std over seeds, full data fraction; the ``selected``
-    protocol's records when there are several protocols)."""
-    import _diagnosis as DG
-
-    protocols = DG.by_protocol(records)
-    records = protocols["selected" if "selected" in protocols else next(iter(protocols))]
-    full = max(float(r["fraction"]) for r in records)
-    lines = [f"### {title}" if title else "", "",
-             "| method | task | test set | accuracy (%) | macro-F1 (%) | SVE | LSVR |", "|---|---|---|---|---|---|---|"]
-    groups: dict[tuple, list] = {}
-    for r in records:
-        if math.isclose(float(r["fraction"]), full):
-            groups.setdefault((r["method"], r["task"], r["domain"]), []).append(r)
-    for (m, t, d), rows in sorted(groups.items()):
-        cells = []
-        for key, scale in (("accuracy", 100), ("macro_f1", 100), ("sve", 1), ("lsvr", 1)):
-            mu, sd = mean_std(scale * r[key] for r in rows)
-            cells.append(f"{mu:.2f} ± {sd:.2f}" if scale == 100 else f"{mu:.3f} ± {sd:.3f}")
-        lines.append(f"| {m} | {t} | {d} | " + " | ".join(cells) + " |")
-    summ = summarize_records(records, fraction=full)
-    lines += ["", "| method | ID acc | ID F1 | OOD acc | OOD F1 |", "|---|---|---|---|---|"]
-    for m, by_g in summ.items():
-        for _g, kinds in by_g.items():
-            cells = []
-            for kind in ("id", "ood"):
-                for key in ("accuracy", "macro_f1"):
-                    mu, sd = kinds.get(kind, {}).get(key, (float("nan"), float("nan")))
-                    cells.append(f"{100 * mu:.2f} ± {100 * sd:.2f}")
-            lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def run(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backbone", required=True, help="model.pt written by pretrain.py")
     p.add_argument("--out", required=True)
@@ -573,5 +533,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return res
 
 
+
+def main(argv: list[str] | None = None) -> int:
+    """``python examples/evaluate.py`` / ``python -m nmtune_study.evaluate``: :func:`run`, exit status 0."""
+    run(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

