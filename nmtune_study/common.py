@@ -10,6 +10,8 @@ regime agree:
 * :func:`spearman`: ``scipy.stats.spearmanr`` (0 where one side is constant);
 * :func:`macro_f1`: ``sklearn.metrics.f1_score(average="macro")``, scikit-learn's
   definition (the mean over the classes present in the labels *or* the predictions);
+* :func:`hit_rate`: a fraction of hits, NaN over nothing (the memorisation figures of
+  both pre-training regimes);
 * :func:`binary_f1`, :func:`matthews`, :func:`pearson`: the GLUE metrics of the language
   study, scikit-learn's ``f1_score`` of one class and ``matthews_corrcoef`` and
   ``scipy.stats.pearsonr`` (0 where a side is constant, as :func:`spearman`);
@@ -44,6 +46,7 @@ __all__ = [
     "binary_f1",
     "committed_results",
     "cpu_seconds",
+    "hit_rate",
     "machine_info",
     "macro_f1",
     "matthews",
@@ -177,12 +180,7 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     """
     from scipy.stats import spearmanr
 
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    if len(x) != len(y) or len(x) < 2:
-        raise ValueError(f"spearman needs two sequences of equal length >= 2, got {len(x)} and {len(y)}")
-    if np.all(x == x[0]) or np.all(y == y[0]):
-        return 0.0
-    return float(spearmanr(x, y).statistic)
+    return _correlation(spearmanr, "spearman", x, y)
 
 
 def macro_f1(y_true: Sequence[int] | np.ndarray, y_pred: Sequence[int] | np.ndarray) -> float:
@@ -195,6 +193,17 @@ def macro_f1(y_true: Sequence[int] | np.ndarray, y_pred: Sequence[int] | np.ndar
     from sklearn.metrics import f1_score
 
     return float(f1_score(np.asarray(y_true), np.asarray(y_pred), average="macro", zero_division=0))
+
+
+def hit_rate(hits: Any, total: int) -> float:
+    """``hits.sum() / total`` (a boolean tensor or array), NaN when ``total`` is 0: the
+    memorisation figures of both pre-training regimes.
+
+    Example:
+        >>> hit_rate(np.array([True, False, True]), 4), hit_rate(np.array([], dtype=bool), 0)
+        (0.5, nan)
+    """
+    return float(hits.sum()) / total if total else float("nan")
 
 
 def binary_f1(y_true: Sequence[int] | np.ndarray, y_pred: Sequence[int] | np.ndarray, positive: int = 1) -> float:
@@ -238,12 +247,18 @@ def pearson(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) ->
     """
     from scipy.stats import pearsonr
 
+    return _correlation(pearsonr, "pearson", x, y)
+
+
+def _correlation(scipy_stat: Any, name: str, x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray
+                 ) -> float:
+    """``scipy_stat(x, y).statistic`` in float64, 0 where either side is constant."""
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     if len(x) != len(y) or len(x) < 2:
-        raise ValueError(f"pearson needs two sequences of equal length >= 2, got {len(x)} and {len(y)}")
+        raise ValueError(f"{name} needs two sequences of equal length >= 2, got {len(x)} and {len(y)}")
     if np.all(x == x[0]) or np.all(y == y[0]):
         return 0.0
-    return float(pearsonr(x, y).statistic)
+    return float(scipy_stat(x, y).statistic)
 
 
 def committed_results() -> pathlib.Path:

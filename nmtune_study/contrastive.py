@@ -364,21 +364,21 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     if a.open_clip_checkpoint is not None:
         if a.model is None or a.gamma is None:
             raise ValueError("--open-clip-checkpoint needs --model and --gamma")
-        res = evaluate_checkpoint(a.open_clip_checkpoint, a.model, a.out, gamma=a.gamma, tasks=vd.offline_tasks(
+        return evaluate_checkpoint(a.open_clip_checkpoint, a.model, a.out, gamma=a.gamma, tasks=vd.offline_tasks(
             tiny=a.tiny), settings=ev.TuneSettings(seeds=tuple(a.seeds), epochs=3 if a.tiny else 30))
-        print(model_table(res["records"]))
-        return res
     gammas = tuple(a.gammas) if a.gammas else GAMMAS
-    res = run_regime(pathlib.Path(a.out), tiny=a.tiny, gammas=gammas, pretrain_seeds=a.pretrain_seeds,
-                     tune_seeds=a.seeds, progress=not a.no_progress)
-    print((pathlib.Path(a.out) / "results.md").read_text())
-    return res
-
+    return run_regime(pathlib.Path(a.out), tiny=a.tiny, gammas=gammas, pretrain_seeds=a.pretrain_seeds,
+                      tune_seeds=a.seeds, progress=not a.no_progress)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python examples/contrastive.py`` / ``python -m nmtune_study.contrastive``: :func:`run`, exit status 0."""
-    run(argv)
+    """``python examples/contrastive.py``, ``python -m nmtune_study.contrastive``: :func:`run`, then print
+    its tables; exit status 0."""
+    res = run(argv)
+    if "pretrain" in res:  # the regime: results.md
+        print(contrastive_tables(res["records"], res["backbone"], res["pretrain"], res["timing"], methods=METHODS))
+    else:  # one open_clip_train checkpoint
+        print(model_table(res["records"]))
     return 0
 
 

@@ -527,16 +527,15 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         gamma = float(torch.load(a.backbone, weights_only=False).get("noise", 0.0))
     tuning = TuneSettings(methods=a.methods, seeds=flat(a.seeds), fractions=a.fractions, epochs=a.epochs,
                           loss_config=a.loss_preset, batch_size=a.tune_batch_size)
-    res = run_evaluation(a.backbone, tasks, a.out, gamma=gamma, tuning=tuning, lora=a.lora,
-                         lora_epochs=a.lora_epochs, arch=a.arch, batch_size=a.batch_size, workers=a.workers)
-    print((pathlib.Path(a.out) / "table.md").read_text())
-    return res
-
+    return run_evaluation(a.backbone, tasks, a.out, gamma=gamma, tuning=tuning, lora=a.lora,
+                          lora_epochs=a.lora_epochs, arch=a.arch, batch_size=a.batch_size, workers=a.workers)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python examples/evaluate.py`` / ``python -m nmtune_study.evaluate``: :func:`run`, exit status 0."""
-    run(argv)
+    """``python examples/evaluate.py``, ``python -m nmtune_study.evaluate``: :func:`run`, then print
+    its table; exit status 0."""
+    res = run(argv)
+    print(model_table(res["records"], title=f"noise {100 * res['settings']['gamma']:g}%"))
     return 0
 
 

@@ -398,7 +398,7 @@ def _describe(t: TextTask) -> str:
 
 
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Parse the command line, run the study, print its table; the results."""
+    """Parse the command line and run the study; its results."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=None, help=f"output folder (default: {DEFAULT_OUT}, git-ignored)")
@@ -424,20 +424,18 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.refresh_results and args.out is not None:
         p.error("--refresh-results writes to examples/results/language; do not combine it with --out")
     out = committed_results() / "language" if args.refresh_results else Path(args.out or DEFAULT_OUT)
-    res = run_study(
+    return run_study(
         out, tiny=args.tiny, task=args.task, encoder=args.encoder, pooling=args.pooling, seeds=flat(args.seeds),
         methods=args.methods, cache_dir=args.cache_dir, data_dir=args.data_dir, max_train=args.max_train,
         max_eval=args.max_eval, loss_preset=args.loss_preset, batch_size=args.batch_size, epochs=args.epochs,
         command=command,
     )
-    print(language_table(res))
-    return res
-
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python examples/language.py`` / ``python -m nmtune_study.language``: :func:`run`, exit status 0."""
-    run(argv)
+    """``python examples/language.py``, ``python -m nmtune_study.language``: :func:`run`, then print
+    its table; exit status 0."""
+    print(language_table(run(argv)))
     return 0
 
 

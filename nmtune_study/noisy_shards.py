@@ -343,15 +343,14 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--buffer", type=int, default=100_000, help="most captions held in memory")
     a = p.parse_args(argv)
-    res = noisy_shards(expand_shards(a.input), a.out, a.gamma, seed=a.seed, buffer=a.buffer)
-    print(json.dumps({k: v for k, v in res.items() if k != "swapped_per_shard"}, indent=1))
-    return res
-
+    return noisy_shards(expand_shards(a.input), a.out, a.gamma, seed=a.seed, buffer=a.buffer)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python examples/noisy_shards.py`` / ``python -m nmtune_study.noisy_shards``: :func:`run`, exit status 0."""
-    run(argv)
+    """``python examples/noisy_shards.py``, ``python -m nmtune_study.noisy_shards``: :func:`run`, then print
+    its summary; exit status 0."""
+    res = run(argv)
+    print(json.dumps({k: v for k, v in res.items() if k != "swapped_per_shard"}, indent=1))
     return 0
 
 

@@ -16,7 +16,7 @@ and, with ``--checkpoint-every-steps N``, every N optimizer steps together with 
 position in the epoch; running the same command again (or ``torchrun
 --max-restarts K`` restarting a failed group) resumes from it mid-epoch with the
 batches an uninterrupted run would see, and gives bit-identical weights on the same
-hardware (``_train_loop.py``; the cluster recipe is in ``examples/README.md``).
+hardware (:mod:`nmtune_study.train_loop`; the cluster recipe is in ``examples/README.md``).
 ``metrics.json`` holds the pre-training accuracy (clean validation labels) for this gamma. AMP (bfloat16/float16) and DDP (``torchrun``) are used when CUDA is
 present; that path cannot be exercised on a CPU-only machine.
 """
@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, RandomSampler
 
 from nmtune.noise import asymmetric_noise, symmetric_noise
 from nmtune_study import train_loop as tl
-from nmtune_study.common import atomic_save, noise_ratio
+from nmtune_study.common import atomic_save, hit_rate, noise_ratio
 from nmtune_study.data import vision as vd
 
 __all__ = ["PretrainConfig", "build_backbone", "backbone_features", "memorisation", "pretrain", "load_backbone",
@@ -169,15 +169,11 @@ def memorisation(
     hit = predictions == noisy_labels
     k = int(flipped.sum())
     kept = n - k
-
-    def frac(num: torch.Tensor, den: int) -> float:
-        return float(num.sum()) / den if den else float("nan")
-
     return {
-        "memorised": frac(hit & flipped, k),
-        "flipped_clean": frac((predictions == clean_labels) & flipped, k),
-        "unflipped_accuracy": frac(hit & ~flipped, kept),
-        "noisy_label_accuracy": frac(hit, n),
+        "memorised": hit_rate(hit & flipped, k),
+        "flipped_clean": hit_rate((predictions == clean_labels) & flipped, k),
+        "unflipped_accuracy": hit_rate(hit & ~flipped, kept),
+        "noisy_label_accuracy": hit_rate(hit, n),
     }
 
 
@@ -228,24 +224,11 @@ def pretrain(
     tl.check_every_steps(checkpoint_every_steps, "checkpoint_every_steps")
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    world, rank, local_rank = _dist_info()
+    world, rank, device = _setup_device(device)
     distributed = world > 1
-    if device is None:
-        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if distributed and not torch.distributed.is_initialized():
-        # NMTUNE_DIST_TIMEOUT (seconds, default torch's 30 minutes): how long a rank waits for the others
-        # (rendezvous, collectives) before it fails and torchrun may restart the group
-        timeout = datetime.timedelta(seconds=float(os.environ.get("NMTUNE_DIST_TIMEOUT", "1800")))
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
 
     tl.seed_everything(config.seed)
-    if config.noise_type == "asymmetric":
-        noisy = asymmetric_noise(data.labels, config.noise, classes=config.noise_classes, seed=config.seed + 1000)
-    else:
-        noisy = symmetric_noise(data.labels, config.noise, num_classes=data.num_classes, seed=config.seed + 1000)
+    noisy = _noisy_labels(data, config)
     if rank == 0:
         atomic_save({"labels": noisy.labels, "mask": noisy.mask, "noise": config.noise}, out / "noisy_labels.pt")
     train_ds = vd.RelabeledDataset(data.train, noisy.labels)
@@ -254,38 +237,16 @@ def pretrain(
     layout = torch.channels_last if config.channels_last else torch.contiguous_format
     model = model.to(memory_format=layout)
     generator = torch.Generator().manual_seed(config.seed)
-    fast = not distributed and vd.tensor_source(train_ds) is not None
-    if fast:  # in-memory uint8 tensors: index whole batches, no per-sample Python overhead
-        sampler = None
-        loader = vd.TensorBatches(train_ds, config.batch_size, generator)
-    elif distributed:
-        from torch.utils.data.distributed import DistributedSampler
-
-        sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=config.seed)
-        loader = DataLoader(train_ds, batch_size=config.batch_size, sampler=tl.ResumableSampler(sampler),
-                            drop_last=True, num_workers=config.workers, pin_memory=device.type == "cuda",
-                            generator=generator)
-    else:  # what shuffle=True builds, in a sampler that can start mid-epoch
-        sampler = None
-        loader = DataLoader(train_ds, batch_size=config.batch_size,
-                            sampler=tl.ResumableSampler(RandomSampler(train_ds, generator=generator)),
-                            drop_last=True, num_workers=config.workers, generator=generator)
-    val_loader = (vd.TensorBatches(data.val, 512, None) if vd.tensor_source(data.val) is not None
-                  else DataLoader(data.val, batch_size=512, num_workers=config.workers))
-    # the training set in its fixed order, for the memorisation pass (eval mode, noisy labels)
-    train_eval_loader = (vd.TensorBatches(train_ds, 512, None) if vd.tensor_source(train_ds) is not None
-                         else DataLoader(train_ds, batch_size=512, num_workers=config.workers))
-
-    def memorised_now() -> dict[str, float]:
-        return memorisation(_predict(model, train_eval_loader, device), noisy.labels, data.labels, noisy.mask)
+    loader, sampler = _train_loader(train_ds, config, generator, world, rank, device)
+    val_loader = _eval_loader(data.val, config.workers)
+    train_eval_loader = _eval_loader(train_ds, config.workers)  # fixed order, for the memorisation pass
 
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9, nesterov=True,
                                 weight_decay=config.weight_decay)
     per_epoch = len(loader)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, tl.warmup_cosine(config.epochs * per_epoch, tl.warmup_steps(config.warmup_epochs, per_epoch)))
+    scheduler = tl.warmup_cosine_scheduler(optimizer, epochs=config.epochs, steps_per_epoch=per_epoch,
+                                           warmup_epochs=config.warmup_epochs)
     use_amp = device.type == "cuda" and config.amp != "off"
-    amp_dtype = torch.bfloat16 if config.amp == "bf16" else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and config.amp == "fp16")
     if distributed:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -298,72 +259,35 @@ def pretrain(
                            every_steps=checkpoint_every_steps, map_location=device,
                            log=tqdm.write if progress and rank == 0 else None)
     resumed = ckpt.resume()
-    start, history = resumed.epoch, resumed.history
-
+    history = resumed.history
+    step = _Step(model, optimizer, scheduler, scaler, device, layout,
+                 torch.bfloat16 if config.amp == "bf16" else torch.float16, use_amp)
     t0 = time.time()
-    done_here = 0
-    for epoch in range(start, config.epochs):
-        if stop_after is not None and done_here >= stop_after:
-            break
+    for epoch in tl.epochs_of_call(resumed, config.epochs, stop_after):
         if sampler is not None:
             sampler.set_epoch(epoch)
-        model.train()
-        first = resumed.step if epoch == start else 0  # batches of this epoch already done (a step checkpoint)
-        part = resumed.partial if first else {}
-        loss_sum = part.get("loss_sum", torch.zeros((), device=device))
-        correct = part.get("correct", torch.zeros((), dtype=torch.long, device=device))
-        seen = part.get("seen", 0)
+        first, part = resumed.in_epoch(epoch)  # batches of this epoch already done (a step checkpoint)
         ckpt.begin_epoch()
         bar = tqdm(tl.batches_from(loader, first), desc=f"pretrain g={config.noise:g} ep {epoch + 1}/{config.epochs}",
                    total=per_epoch - first, disable=not progress or rank != 0, leave=False)
-        for step, (x, y) in enumerate(bar, start=first + 1):
-            x, y = x.to(device, non_blocking=True, memory_format=layout), y.to(device, non_blocking=True)
-            with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
-                logits = model(x)
-                loss = nn.functional.cross_entropy(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            loss_sum += loss.detach().float() * len(y)
-            correct += (logits.detach().argmax(-1) == y).sum()
-            seen += len(y)
-            ckpt.after_step(epoch, step, history, {"loss_sum": loss_sum, "correct": correct, "seen": seen})
+        sums = step.epoch(bar, first, part, lambda s, acc: ckpt.after_step(epoch, s, history, acc))
         record = {
             "epoch": epoch + 1,
-            "train_loss": float(loss_sum) / max(seen, 1),  # one host sync per epoch
-            "train_noisy_accuracy": float(correct) / max(seen, 1),
+            "train_loss": float(sums["loss_sum"]) / max(sums["seen"], 1),  # one host sync per epoch
+            "train_noisy_accuracy": float(sums["correct"]) / max(sums["seen"], 1),
             "val_accuracy": _accuracy(model, val_loader, device),
             "lr": scheduler.get_last_lr()[0],
         }
         every = config.memorisation_every
         if (every and (epoch + 1) % every == 0) or epoch + 1 == config.epochs:
-            record.update(memorised_now())
+            record.update(memorisation(_predict(model, train_eval_loader, device), noisy.labels, data.labels,
+                                       noisy.mask))
         history.append(record)
-        done_here += 1
         ckpt.end_epoch(epoch, history)
-        if rank == 0:
-            if progress:
-                tqdm.write(f"[pretrain g={config.noise:g}] epoch {epoch + 1}: loss {record['train_loss']:.3f} "
-                           f"val acc {record['val_accuracy']:.4f}")
-    epochs_done = history[-1]["epoch"] if history else 0
-    metrics = {
-        "noise": config.noise,
-        "arch": config.arch,
-        "epochs_done": epochs_done,
-        "finished": epochs_done >= config.epochs,
-        "val_accuracy": history[-1]["val_accuracy"] if history else float("nan"),
-        "train_noisy_accuracy": history[-1]["train_noisy_accuracy"] if history else float("nan"),
-        **{k: history[-1].get(k, float("nan")) if history else float("nan")
-           for k in ("memorised", "flipped_clean", "unflipped_accuracy", "noisy_label_accuracy")},
-        "num_classes": data.num_classes,
-        "num_train": len(train_ds),
-        "num_noisy": int(noisy.mask.sum()),
-        "seconds_this_call": time.time() - t0,
-        "history": history,
-        "config": dataclasses.asdict(config),
-    }
+        if rank == 0 and progress:
+            tqdm.write(f"[pretrain g={config.noise:g}] epoch {epoch + 1}: loss {record['train_loss']:.3f} "
+                       f"val acc {record['val_accuracy']:.4f}")
+    metrics = _metrics(config, history, data, len(train_ds), int(noisy.mask.sum()), time.time() - t0)
     if rank == 0:
         if metrics["finished"]:
             atomic_save({"model": (model.module if distributed else model).state_dict(),
@@ -371,6 +295,112 @@ def pretrain(
                           "noise": config.noise}, out / "model.pt")
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
+
+
+def _setup_device(device: str | torch.device | None) -> tuple[int, int, torch.device]:
+    """``(world size, rank, device)`` of this process; joins the ``torchrun`` process group."""
+    world, rank, local_rank = _dist_info()
+    if device is None:
+        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if world > 1 and not torch.distributed.is_initialized():
+        # NMTUNE_DIST_TIMEOUT (seconds, default torch's 30 minutes): how long a rank waits for the others
+        # (rendezvous, collectives) before it fails and torchrun may restart the group
+        timeout = datetime.timedelta(seconds=float(os.environ.get("NMTUNE_DIST_TIMEOUT", "1800")))
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return world, rank, device
+
+
+def _noisy_labels(data: vd.PretrainData, config: PretrainConfig):
+    """The training labels with ``config``'s noise (seed ``config.seed + 1000``)."""
+    if config.noise_type == "asymmetric":
+        return asymmetric_noise(data.labels, config.noise, classes=config.noise_classes, seed=config.seed + 1000)
+    return symmetric_noise(data.labels, config.noise, num_classes=data.num_classes, seed=config.seed + 1000)
+
+
+def _train_loader(train_ds, config: PretrainConfig, generator: torch.Generator, world: int, rank: int,
+                  device: torch.device):
+    """``(loader, DistributedSampler or None)``: every loader can start an epoch at a step
+    (:func:`train_loop.batches_from`)."""
+    if world == 1 and vd.tensor_source(train_ds) is not None:
+        # in-memory uint8 tensors: index whole batches, no per-sample Python overhead
+        return vd.TensorBatches(train_ds, config.batch_size, generator), None
+    if world > 1:
+        from torch.utils.data.distributed import DistributedSampler
+
+        sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=config.seed)
+        return DataLoader(train_ds, batch_size=config.batch_size, sampler=tl.ResumableSampler(sampler),
+                          drop_last=True, num_workers=config.workers, pin_memory=device.type == "cuda",
+                          generator=generator), sampler
+    # what shuffle=True builds, in a sampler that can start mid-epoch
+    return DataLoader(train_ds, batch_size=config.batch_size,
+                      sampler=tl.ResumableSampler(RandomSampler(train_ds, generator=generator)),
+                      drop_last=True, num_workers=config.workers, generator=generator), None
+
+
+def _eval_loader(ds, workers: int):
+    """Batches of 512 in the dataset's order."""
+    if vd.tensor_source(ds) is not None:
+        return vd.TensorBatches(ds, 512, None)
+    return DataLoader(ds, batch_size=512, num_workers=workers)
+
+
+class _Step:
+    """One optimizer step of the supervised recipe (AMP on CUDA), and an epoch of them."""
+
+    def __init__(self, model, optimizer, scheduler, scaler, device: torch.device, layout, amp_dtype, use_amp: bool):
+        self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
+        self.device, self.layout, self.amp_dtype, self.use_amp = device, layout, amp_dtype, use_amp
+
+    def epoch(self, batches, first: int, part: dict[str, Any], after_step) -> dict[str, Any]:
+        """Train on ``batches`` (batch ``first + 1`` on); ``part``: the accumulators of the batches
+        before it; ``after_step(step, accumulators)`` after each. The epoch's loss sum, correct
+        count and rows seen."""
+        self.model.train()
+        loss_sum = part.get("loss_sum", torch.zeros((), device=self.device))
+        correct = part.get("correct", torch.zeros((), dtype=torch.long, device=self.device))
+        seen = part.get("seen", 0)
+        for step, (x, y) in enumerate(batches, start=first + 1):
+            x = x.to(self.device, non_blocking=True, memory_format=self.layout)
+            y = y.to(self.device, non_blocking=True)
+            with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
+                logits = self.model(x)
+                loss = nn.functional.cross_entropy(logits, y)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+            loss_sum += loss.detach().float() * len(y)
+            correct += (logits.detach().argmax(-1) == y).sum()
+            seen += len(y)
+            after_step(step, {"loss_sum": loss_sum, "correct": correct, "seen": seen})
+        return {"loss_sum": loss_sum, "correct": correct, "seen": seen}
+
+
+def _metrics(config: PretrainConfig, history: list[dict[str, Any]], data: vd.PretrainData, num_train: int,
+             num_noisy: int, seconds: float) -> dict[str, Any]:
+    """``metrics.json``: the last epoch's figures, the run's size and its history."""
+    last = history[-1] if history else {}
+    epochs_done = last.get("epoch", 0)
+    return {
+        "noise": config.noise,
+        "arch": config.arch,
+        "epochs_done": epochs_done,
+        "finished": epochs_done >= config.epochs,
+        "val_accuracy": last.get("val_accuracy", float("nan")),
+        "train_noisy_accuracy": last.get("train_noisy_accuracy", float("nan")),
+        **{k: last.get(k, float("nan"))
+           for k in ("memorised", "flipped_clean", "unflipped_accuracy", "noisy_label_accuracy")},
+        "num_classes": data.num_classes,
+        "num_train": num_train,
+        "num_noisy": num_noisy,
+        "seconds_this_call": seconds,
+        "history": history,
+        "config": dataclasses.asdict(config),
+    }
 
 
 def load_backbone(path: str | os.PathLike, *, arch: str | None = None, map_location: str = "cpu") -> nn.Module:
@@ -449,16 +479,15 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = PretrainConfig(arch=a.arch, noise=a.noise, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
                          weight_decay=a.weight_decay, seed=a.seed, amp=a.amp, workers=a.workers,
                          channels_last=a.channels_last)
-    metrics = pretrain(data, a.out, cfg, stop_after=a.stop_after, checkpoint_every_steps=a.checkpoint_every_steps)
-    if _dist_info()[1] == 0:
-        print(json.dumps({k: v for k, v in metrics.items() if k != "history"}, indent=2))
-    return metrics
-
+    return pretrain(data, a.out, cfg, stop_after=a.stop_after, checkpoint_every_steps=a.checkpoint_every_steps)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python examples/pretrain.py`` / ``python -m nmtune_study.pretrain``: :func:`run`, exit status 0."""
-    run(argv)
+    """``python examples/pretrain.py``, ``python -m nmtune_study.pretrain``: :func:`run`, then print
+    the metrics without the history (rank 0); exit status 0."""
+    metrics = run(argv)
+    if _dist_info()[1] == 0:
+        print(json.dumps({k: v for k, v in metrics.items() if k != "history"}, indent=2))
     return 0
 
 

@@ -5,11 +5,11 @@ transformer, :data:`MODEL_CONFIG`) built by open_clip's own factory from a model
 config registered with ``open_clip.add_model_config``, trained with open_clip's
 ``ClipLoss`` on the captions tokenised by open_clip's tokenizer (its BPE vocabulary
 ships in the wheel; nothing is downloaded), on the offline pairs of
-``_clip_data`` with a fraction gamma of the captions swapped
+``nmtune_study.data.clip`` with a fraction gamma of the captions swapped
 (``noisy_shards.swap_captions``). A checkpoint is written after every epoch (and,
 with ``--checkpoint-every-steps N``, every N optimizer steps with the position in
 the epoch) and resumed automatically, mid-epoch too: a SIGKILL and a rerun give
-bit-identical weights (``_train_loop.py``, shared with ``pretrain.py``). Every
+bit-identical weights (:mod:`nmtune_study.train_loop`, shared with ``pretrain.py``). Every
 epoch logs the contrastive loss and the zero-shot accuracy on the clean validation
 split::
 
@@ -48,7 +48,7 @@ import torch
 
 from nmtune_study import noisy_shards as ns
 from nmtune_study import train_loop as tl
-from nmtune_study.common import atomic_save, noise_ratio
+from nmtune_study.common import atomic_save, hit_rate, noise_ratio
 from nmtune_study.data import clip as cd
 
 __all__ = ["MODEL_NAME", "MODEL_CONFIG", "PRESETS", "ClipPretrainConfig", "register_model_config",
@@ -224,12 +224,9 @@ def caption_memorisation(model: torch.nn.Module, tokenizer, images: torch.Tensor
     clean_idx = torch.tensor([index[t] for t in clean_captions])
     swapped = swapped.bool()
     k, kept = int(swapped.sum()), int((~swapped).sum())
-
-    def frac(hit: torch.Tensor, den: int) -> float:
-        return float(hit.sum()) / den if den else float("nan")
-
-    return {"memorised": frac((top == noisy_idx) & swapped, k), "flipped_clean": frac((top == clean_idx) & swapped, k),
-            "unflipped_accuracy": frac((top == noisy_idx) & ~swapped, kept), "num_captions": len(texts)}
+    return {"memorised": hit_rate((top == noisy_idx) & swapped, k),
+            "flipped_clean": hit_rate((top == clean_idx) & swapped, k),
+            "unflipped_accuracy": hit_rate((top == noisy_idx) & ~swapped, kept), "num_captions": len(texts)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,13 +255,14 @@ def _noisy_captions(pairs: cd.ClipPairs, gamma: float, seed: int) -> tuple[list[
 
 def _train_epoch(model, loss_fn, optimizer, scheduler, images, tokens, batch_size, generator,
                  ckpt: tl.Checkpointer, epoch: int, history: list[dict[str, Any]], resumed: tl.Position) -> float:
-    """One epoch from batch ``resumed.step`` on (0 unless resuming a step checkpoint of this epoch)."""
+    """One epoch from the batch ``resumed`` reached in it on (0 unless resuming a step checkpoint of this epoch)."""
     model.train()
     ckpt.begin_epoch()
     order = torch.randperm(len(tokens), generator=generator)  # drawn whole, also when resuming mid-epoch
     n_batches = max(1, len(tokens) // batch_size)
-    total = resumed.partial.get("loss_sum", torch.zeros(())) if resumed.step else torch.zeros(())
-    for b in range(resumed.step, n_batches):
+    first, part = resumed.in_epoch(epoch)
+    total = part.get("loss_sum", torch.zeros(()))
+    for b in range(first, n_batches):
         idx = order[b * batch_size:(b + 1) * batch_size]
         img_f, txt_f, scale = model(to_clip_input(images[idx]), tokens[idx])
         loss = loss_fn(img_f, txt_f, scale)
@@ -296,7 +294,7 @@ def pretrain_clip(
     (the manifest of swapped pairs), ``model.pt`` when finished and ``metrics.json``.
 
     Args:
-        pairs: clean image-caption pairs (``_clip_data.offline_pairs``).
+        pairs: clean image-caption pairs (``data.clip.offline_pairs``).
         val: clean validation ``(images, labels, chars)`` for zero-shot accuracy.
         out_dir: output folder.
         config: the recipe.
@@ -331,28 +329,24 @@ def pretrain_clip(
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                                    {"params": rest, "weight_decay": 0.0}], lr=config.lr, fused=True)
     per_epoch = max(1, len(tokens) // config.batch_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, tl.warmup_cosine(config.epochs * per_epoch, tl.warmup_steps(config.warmup_epochs, per_epoch)))
+    scheduler = tl.warmup_cosine_scheduler(optimizer, epochs=config.epochs, steps_per_epoch=per_epoch,
+                                           warmup_epochs=config.warmup_epochs)
     generator = torch.Generator().manual_seed(config.seed)
     ckpt = tl.Checkpointer(out / "checkpoint.pt", dataclasses.asdict(config), model=model, optimizer=optimizer,
                            scheduler=scheduler, generator=generator, steps_per_epoch=per_epoch,
                            every_steps=checkpoint_every_steps, map_location="cpu",
                            log=(lambda line: print(line, flush=True)) if progress else None)
     resumed = ckpt.resume()
-    start, history = resumed.epoch, resumed.history
+    history = resumed.history
     vx, vy, vchars = val
     prompts = cd.class_prompts(vchars)
-    done = 0
-    for epoch in range(start, config.epochs):
-        if stop_after is not None and done >= stop_after:
-            break
+    for epoch in tl.epochs_of_call(resumed, config.epochs, stop_after):
         loss = _train_epoch(model, loss_fn, optimizer, scheduler, pairs.images, tokens, config.batch_size, generator,
-                            ckpt, epoch, history, resumed if epoch == start else tl.Position())
+                            ckpt, epoch, history, resumed)
         zs = zero_shot_accuracy(encode_images(model, vx), vy, zero_shot_weights(model, tokenizer, prompts))
         history.append({"epoch": epoch + 1, "loss": loss, "zeroshot_val": zs,
                         "logit_scale": float(model.logit_scale.detach().exp()),
                         **caption_memorisation(model, tokenizer, pairs.images, captions, pairs.captions, swapped)})
-        done += 1
         ckpt.end_epoch(epoch, history)
         if progress:
             print(f"[clip g={config.gamma:g} s={config.seed}] epoch {epoch + 1}: loss {loss:.4f} "
@@ -398,17 +392,10 @@ def load_open_clip_checkpoint(checkpoint: str | os.PathLike, model: str) -> torc
 
 
 def run(argv: list[str] | None = None) -> dict[str, Any]:
+    """Parse the command line and pre-train (or, with ``write-config``, write an open_clip model folder)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["write-config"]:
-        p = argparse.ArgumentParser(prog="pretrain_clip.py write-config")
-        p.add_argument("folder")
-        p.add_argument("--preset", default="glyph", help=f"one of {sorted(PRESETS)} or an open_clip model name")
-        a = p.parse_args(argv[1:])
-        cfg = PRESETS.get(a.preset) or _open_clip().get_model_config(a.preset)
-        if cfg is None:
-            raise ValueError(f"unknown preset {a.preset!r}; expected one of {sorted(PRESETS)} or an open_clip model")
-        print(write_model_dir(a.folder, cfg))
-        return {"folder": a.folder}
+        return _write_config(argv[1:])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
     p.add_argument("--gamma", type=noise_ratio, default=0.0, help="fraction of swapped pairs (0.1 = 10%%)")
@@ -422,16 +409,27 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                    help="also checkpoint every N optimizer steps (a rerun resumes mid-epoch); default: per epoch")
     a = p.parse_args(argv)
     cfg = ClipPretrainConfig(gamma=a.gamma, seed=a.seed, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr)
-    m = pretrain_clip(cd.offline_pairs(tiny=a.tiny), cd.offline_val(tiny=a.tiny), a.out, cfg,
-                      stop_after=a.stop_after, progress=True, checkpoint_every_steps=a.checkpoint_every_steps)
-    print(json.dumps({k: v for k, v in m.items() if k != "history"}, indent=1))
-    return m
+    return pretrain_clip(cd.offline_pairs(tiny=a.tiny), cd.offline_val(tiny=a.tiny), a.out, cfg,
+                         stop_after=a.stop_after, progress=True, checkpoint_every_steps=a.checkpoint_every_steps)
 
+
+def _write_config(argv: list[str]) -> dict[str, Any]:
+    p = argparse.ArgumentParser(prog="pretrain_clip.py write-config")
+    p.add_argument("folder")
+    p.add_argument("--preset", default="glyph", help=f"one of {sorted(PRESETS)} or an open_clip model name")
+    a = p.parse_args(argv)
+    cfg = PRESETS.get(a.preset) or _open_clip().get_model_config(a.preset)
+    if cfg is None:
+        raise ValueError(f"unknown preset {a.preset!r}; expected one of {sorted(PRESETS)} or an open_clip model")
+    return {"folder": a.folder, "model_dir": str(write_model_dir(a.folder, cfg))}
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python examples/pretrain_clip.py`` / ``python -m nmtune_study.pretrain_clip``: :func:`run`, exit status 0."""
-    run(argv)
+    """``python examples/pretrain_clip.py``, ``python -m nmtune_study.pretrain_clip``: :func:`run`, then print
+    the metrics without the history (or the model folder written); exit status 0."""
+    res = run(argv)
+    print(res["model_dir"] if "model_dir" in res else json.dumps({k: v for k, v in res.items() if k != "history"},
+                                                                   indent=1))
     return 0
 
 

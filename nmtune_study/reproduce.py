@@ -10,7 +10,7 @@ pre-training seed (``--pretrain-seeds``, default 0 1 2):
 
 then decides each of the paper's claims from *paired* differences (same pre-trained
 model, tuning seed and data split) with a 95 % interval from a hierarchical bootstrap
-that resamples pre-training seeds first, then tuning seeds (``_stats.py``): reproduced
+that resamples pre-training seeds first, then tuning seeds (``report/stats.py``): reproduced
 (the interval excludes 0 in the paper's direction), contradicted (it excludes 0 the
 other way) or inconclusive. ``report.md`` shows every estimate with its interval;
 ``claims.json`` holds them as data. Finished stages are skipped on rerun.
@@ -121,7 +121,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", default=pt.GLYPH_ARCH, help="timm architecture (resnet50, vit_base_patch16_224, ...)")
     p.add_argument("--image-size", type=int, default=224, help="image size of the real-data transforms")
     p.add_argument("--task", action="append", default=[],
-                   help="downstream task spec (see _vision_data.parse_task_spec); default: the offline tasks")
+                   help="downstream task spec (see nmtune_study.data.vision.parse_task_spec); default: the offline tasks")
     p.add_argument("--pretrain-epochs", type=int, default=None, help="default: the profile's")
     p.add_argument("--protocols", nargs="+", default=None, choices=["selected", "paper"],
                    help="downstream protocols (default: both; claims are decided on the first)")

@@ -441,7 +441,7 @@ def test_tiny_end_to_end_with_the_real_minilm(tmp_path: Path, capsys: pytest.Cap
     committed = EXAMPLES / "results" / "language" / "results.json"
     before = committed.stat().st_mtime if committed.exists() else None
     monkeypatch.chdir(tmp_path)  # the default output goes under ./runs/, never into the checkout
-    res = L.run(["--tiny"])
+    assert L.main(["--tiny"]) == 0
     assert "| NMTune |" in capsys.readouterr().out
     out = tmp_path / "runs" / "language"
     assert (out / "cache").is_dir()
@@ -456,7 +456,7 @@ def test_tiny_end_to_end_with_the_real_minilm(tmp_path: Path, capsys: pytest.Cap
         assert 0.0 <= agg["ood_acc"]["mean"] <= 100.0 and agg["id_sve"]["mean"] > 0
     assert tiny["frozen_features"]["id"]["sve"] > 0
     table = (out / "table.md").read_text()
-    assert "| NMTune |" in table and "paired by tuning seed" in table and res["verdict"]
+    assert "| NMTune |" in table and "paired by tuning seed" in table and saved["verdict"]
     again = L.run_study(tmp_path / "out2", tiny=True, methods=("lp",), seeds=(0,),
                         cache_dir=out / "cache", log=None)
     assert again["meta"]["texts_encoded"] == 0  # every split came from the cache

@@ -1,6 +1,6 @@
 """Offline image-caption pairs for the contrastive (CLIP) regime.
 
-The images are the supervised study's glyph renderings (``_vision_data.render_glyphs``:
+The images are the supervised study's glyph renderings (``data.vision.render_glyphs``:
 matplotlib's DejaVu fonts, random size, stroke, rotation, shear and shift): the ~100
 pre-training characters plus the ten digits ``0-9`` (so that the digit tasks have a
 zero-shot prompt the model has read; scikit-learn's handwritten digits, the

@@ -1,7 +1,8 @@
 """The study's diagnosis: is the toy in the paper's regime, and why does a method lose?
 
 Statistics only: each ``*_stats`` function turns a regime's section (records,
-pre-training metrics) into plain numbers; :func:`.markdown.diagnosis_lines` renders them. The suspects tested (issue 20 of the project):
+pre-training metrics) into plain numbers; :func:`.markdown.diagnosis_lines` renders
+them. The suspects tested (issue 20 of the project):
 
 * **memorisation**: did the pre-trained models fit their flipped labels (the paper's
   mechanism needs it)? Mean ``memorised`` at the largest noise ratio against the 0.8 bar;

@@ -128,12 +128,17 @@ def plot_noise_curves(
             m = [100 * summ[method][g][kind]["accuracy"][0] for g in gs]
             s = [100 * summ[method][g][kind]["accuracy"][1] for g in gs]
             ax.errorbar([100 * g for g in gs], m, yerr=s, marker="o", capsize=3, label=f"{100 * frac:g}% data")
-        ax.set_xlabel("pre-training noise ratio (%)")
-        ax.set_ylabel(f"avg {kind.upper()} accuracy (%)")
-        ax.set_title(f"{kind.upper()} ({method.upper()})")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        _accuracy_axes(ax, "pre-training noise ratio (%)", kind, f"{kind.upper()} ({method.upper()})")
     return save_figure(fig, path)
+
+
+def _accuracy_axes(ax: Any, xlabel: str, kind: str, title: str) -> None:
+    """Labels, title, grid and legend of an accuracy-against-noise panel."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"avg {kind.upper()} accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
 
 
 def plot_spectral_metrics(
@@ -261,12 +266,8 @@ def plot_clip_noise_accuracy(summary: Mapping[str, Any], path: str | os.PathLike
             if gs:
                 ax.errorbar([100 * g for g in gs], [100 * summary[m][g][kind]["accuracy"][0] for g in gs],
                             yerr=[100 * summary[m][g][kind]["accuracy"][1] for g in gs], marker="o", capsize=3,
-                            label="NMTune" if m == "nmtune" else m.upper() if m != "zeroshot" else "zero-shot")
-        ax.set_xlabel("swapped image-text pairs (%)")
-        ax.set_ylabel(f"avg {kind.upper()} accuracy (%)")
-        ax.set_title(f"CLIP, {kind.upper()}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+                            label=method_name(m))
+        _accuracy_axes(ax, "swapped image-text pairs (%)", kind, f"CLIP, {kind.upper()}")
     return save_figure(fig, path)
 
 
