@@ -5,6 +5,8 @@ regime agree:
 
 * :func:`atomic_save` / :func:`atomic_write_text`: write to a temporary file, then
   ``os.replace`` (a killed run never leaves a half-written checkpoint or result);
+* :func:`cached`: a value made once and kept in a ``torch.save`` file (rendered data,
+  frozen features);
 * :func:`machine_info`: one line about the machine for a report;
 * :func:`mean_std`: mean and sample standard deviation;
 * :func:`spearman`: ``scipy.stats.spearmanr`` (0 where one side is constant);
@@ -33,7 +35,7 @@ import os
 import pathlib
 import platform
 import resource
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 import numpy as np
 
@@ -44,6 +46,7 @@ __all__ = [
     "atomic_save",
     "atomic_write_text",
     "binary_f1",
+    "cached",
     "committed_results",
     "cpu_seconds",
     "hit_rate",
@@ -57,6 +60,7 @@ __all__ = [
 
 #: Spectral metrics (SVE, LSVR, spectra) of both studies use L2-normalised rows.
 SPECTRUM_NORMALIZE_ROWS = True
+T = TypeVar("T")
 
 
 def seed_list(text: str) -> list[int]:
@@ -110,6 +114,32 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def cached(path: str | os.PathLike | None, make: Callable[[], T]) -> T:
+    """``make()``, kept in ``path`` (:func:`atomic_save`) and read from it on later calls
+    (``path=None``: made every time). A file written before the study became the
+    ``nmtune_study`` package names classes of modules that are gone (``_vision_data``...):
+    it is made again, as is every cache here, from fixed seeds.
+
+    Example:
+        >>> import tempfile
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "c" / "x.pt"
+        >>> cached(p, lambda: [1, 2]), cached(p, lambda: "not called")
+        ([1, 2], [1, 2])
+    """
+    if path is not None and pathlib.Path(path).exists():
+        import torch
+
+        try:
+            return torch.load(path, weights_only=False)
+        except (ModuleNotFoundError, AttributeError):  # pickled under an old module layout
+            pass
+    value = make()
+    if path is not None:
+        pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+        atomic_save(value, path)
+    return value
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

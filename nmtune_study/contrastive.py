@@ -40,7 +40,7 @@ import torch
 from nmtune import evaluate, extract_features
 from nmtune_study import evaluate as ev
 from nmtune_study import pretrain_clip as pc
-from nmtune_study.common import atomic_save, atomic_write_text, flat, mean_std, noise_ratio, seed_list
+from nmtune_study.common import atomic_write_text, cached, flat, mean_std, noise_ratio, seed_list
 from nmtune_study.data import clip as cd
 from nmtune_study.data import vision as vd
 from nmtune_study.report import plots as P
@@ -48,7 +48,7 @@ from nmtune_study.report.markdown import contrastive_tables, model_table
 from nmtune_study.report.records import summarize_records
 
 __all__ = ["run_regime", "evaluate_checkpoint", "clip_task_features", "zeroshot_records", "task_classes", "main",
-           "run"]
+           "parser", "run"]
 
 GAMMAS = (0.0, 0.05, 0.10, 0.20, 0.30)
 _CLASS_NAMES = {"digits": "0123456789", "rotated-digits": "0123456789", "heldout-glyphs": vd.HELDOUT_CHARS,
@@ -80,8 +80,6 @@ def task_classes(task: vd.ImageTask) -> str:
 def clip_task_features(model: torch.nn.Module, task: vd.ImageTask, cache_file: pathlib.Path | None) -> dict[str, Any]:
     """Frozen image-tower features of ``task``'s train set and test sets, in
     ``evaluate.task_features``' layout (cached in ``cache_file``)."""
-    if cache_file is not None and cache_file.exists():
-        return torch.load(cache_file, weights_only=False)
 
     def run(ds):
         if isinstance(ds, vd.TensorImageDataset):
@@ -89,12 +87,8 @@ def clip_task_features(model: torch.nn.Module, task: vd.ImageTask, cache_file: p
         loader = torch.utils.data.DataLoader(ds, batch_size=256)  # real data: data.vision's transforms
         return extract_features(model, loader, forward=lambda m, x: m.encode_image(pc.to_clip_input(x)))
 
-    out = {"train": run(task.train), "tests": {k: run(v) for k, v in task.tests.items()},
-           "num_classes": task.num_classes, "kind": task.kind, "name": task.name}
-    if cache_file is not None:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        atomic_save(out, cache_file)
-    return out
+    return cached(cache_file, lambda: {"train": run(task.train), "tests": {k: run(v) for k, v in task.tests.items()},
+                                       "num_classes": task.num_classes, "kind": task.kind, "name": task.name})
 
 
 class _ZeroShotHead(torch.nn.Module):
@@ -209,12 +203,8 @@ def _data(out: pathlib.Path, tiny: bool, per_font: int | None = None
           ) -> tuple[cd.ClipPairs, tuple, list[vd.ImageTask]]:
     name = "data_tiny" if tiny else "data"
     cache = out / "data" / (f"{name}.pt" if per_font is None else f"{name}_pf{per_font}.pt")
-    if cache.exists():
-        return torch.load(cache, weights_only=False)
-    data = (cd.offline_pairs(tiny=tiny, per_font=per_font), cd.offline_val(tiny=tiny), vd.offline_tasks(tiny=tiny))
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    atomic_save(data, cache)
-    return data
+    return cached(cache, lambda: (cd.offline_pairs(tiny=tiny, per_font=per_font), cd.offline_val(tiny=tiny),
+                                  vd.offline_tasks(tiny=tiny)))
 
 
 def val_chars(tiny: bool) -> str:
@@ -345,7 +335,9 @@ def _figures(fig_dir: pathlib.Path, records, backbone, curves) -> list[str]:
     return [str(p) for p in paths]
 
 
-def run(argv: list[str] | None = None) -> dict[str, Any]:
+
+def parser() -> argparse.ArgumentParser:
+    """The command line's arguments."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/contrastive")
     p.add_argument("--tiny", action="store_true")
@@ -359,7 +351,11 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                    help="evaluate this open_clip_train checkpoint instead (needs --model and --gamma)")
     p.add_argument("--model", default=None, help="--model given to open_clip_train (e.g. local-dir:FOLDER)")
     p.add_argument("--gamma", type=noise_ratio, default=None, help="swap ratio of --open-clip-checkpoint (0.1 = 10%%)")
-    a = p.parse_args(argv)
+    return p
+
+
+def run(argv: list[str] | None = None) -> dict[str, Any]:
+    a = parser().parse_args(argv)
     a.pretrain_seeds, a.seeds = flat(a.pretrain_seeds), flat(a.seeds)
     if a.open_clip_checkpoint is not None:
         if a.model is None or a.gamma is None:

@@ -42,7 +42,7 @@ from nmtune import NMTuneConfig, TuningConfig, evaluate, extract_features, fit
 from nmtune.analysis import feature_spectrum, spectrum_summary
 from nmtune.noise import symmetric_noise
 from nmtune_study import pretrain as pt
-from nmtune_study.common import SPECTRUM_NORMALIZE_ROWS, atomic_save, atomic_write_text, flat, noise_ratio, seed_list
+from nmtune_study.common import SPECTRUM_NORMALIZE_ROWS, atomic_write_text, cached, flat, noise_ratio, seed_list
 from nmtune_study.data import vision as vd
 from nmtune_study.report.markdown import model_table
 
@@ -58,7 +58,7 @@ __all__ = [
     "backbone_metrics",
     "spectrum_values",
     "run_evaluation",
-    "main", "run",
+    "main", "parser", "run",
 ]
 
 METHODS = ("lp", "mlp", "nmtune")
@@ -86,20 +86,17 @@ def task_features(
     Returns:
         ``{"train": (F, y), "tests": {domain: (F, y)}, "num_classes": int, "kind": str}``.
     """
-    if cache_file is not None and pathlib.Path(cache_file).exists():
-        return torch.load(cache_file, weights_only=False)
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = model.to(device).eval()
+    def extract() -> dict[str, Any]:
+        dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        net = model.to(dev).eval()
 
-    def run(ds):
-        return extract_features(model, _loader(ds, batch_size, workers), device=device, forward=pt.backbone_features)
+        def run(ds):
+            return extract_features(net, _loader(ds, batch_size, workers), device=dev, forward=pt.backbone_features)
 
-    out = {"train": run(task.train), "tests": {k: run(v) for k, v in task.tests.items()},
-           "num_classes": task.num_classes, "kind": task.kind, "name": task.name}
-    if cache_file is not None:
-        pathlib.Path(cache_file).parent.mkdir(parents=True, exist_ok=True)
-        atomic_save(out, pathlib.Path(cache_file))
-    return out
+        return {"train": run(task.train), "tests": {k: run(v) for k, v in task.tests.items()},
+                "num_classes": task.num_classes, "kind": task.kind, "name": task.name}
+
+    return cached(cache_file, extract)
 
 
 def subsample(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
@@ -493,7 +490,9 @@ def run_evaluation(
     return result
 
 
-def run(argv: list[str] | None = None) -> dict[str, Any]:
+
+def parser() -> argparse.ArgumentParser:
+    """The command line's arguments."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backbone", required=True, help="model.pt written by pretrain.py")
     p.add_argument("--out", required=True)
@@ -516,7 +515,11 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--lora", action="store_true")
     p.add_argument("--lora-epochs", type=int, default=3)
     p.add_argument("--tiny", action="store_true")
-    a = p.parse_args(argv)
+    return p
+
+
+def run(argv: list[str] | None = None) -> dict[str, Any]:
+    a = parser().parse_args(argv)
     tasks = ([vd.parse_task_spec(s, image_size=a.image_size, download=a.download) for s in a.task]
              if a.task else vd.offline_tasks(tiny=a.tiny))
     if a.gamma is not None:

@@ -68,7 +68,7 @@ from nmtune_study.report.claims import seed_paired_comparisons
 from nmtune_study.report.markdown import language_table, mean_std_text
 from nmtune_study.report.records import method_name
 
-__all__ = ["DEFAULT_OUT", "METHODS", "build_encoder", "build_tasks", "main", "run", "run_study"]
+__all__ = ["DEFAULT_OUT", "METHODS", "build_encoder", "build_tasks", "main", "parser", "run", "run_study"]
 
 METHODS = ("lp", "mlp", "nmtune")
 DEFAULT_OUT = Path("runs") / "language"  # relative to the working directory; runs/ is git-ignored
@@ -397,8 +397,9 @@ def _describe(t: TextTask) -> str:
     return f"GLUE {t.name} (validation) with GLUE-X OOD sets"
 
 
-def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Parse the command line and run the study; its results."""
+
+def parser() -> argparse.ArgumentParser:
+    """The command line's arguments."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=None, help=f"output folder (default: {DEFAULT_OUT}, git-ignored)")
@@ -418,6 +419,12 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--tiny", action="store_true", help="seconds-scale smoke run")
+    return p
+
+
+def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Parse the command line and run the study; its results."""
+    p = parser()
     args = p.parse_args(argv)
     command = "python examples/language.py" + ("" if argv is None and len(sys.argv) == 1 else
                                                " " + " ".join(sys.argv[1:] if argv is None else argv))

@@ -45,7 +45,7 @@ from nmtune._validation import check_int
 from nmtune.noise import swap_pairs
 
 __all__ = ["MalformedShardError", "swap_captions", "read_captions", "allocate_swaps", "noisy_shards",
-           "expand_shards", "main", "run"]
+           "expand_shards", "main", "parser", "run"]
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 TEXT_EXT = "txt"
@@ -335,14 +335,20 @@ def noisy_shards(shards: Sequence[str | os.PathLike], out_dir: str | os.PathLike
     return {**summary, "max_buffered": max_buffered, "written": written}
 
 
-def run(argv: list[str] | None = None) -> dict[str, Any]:
+
+def parser() -> argparse.ArgumentParser:
+    """The command line's arguments."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", nargs="+", required=True, help="shards: paths, globs or {000..099} ranges")
     p.add_argument("--out", required=True)
     p.add_argument("--gamma", type=float, required=True, help="fraction of swapped pairs, e.g. 0.1")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--buffer", type=int, default=100_000, help="most captions held in memory")
-    a = p.parse_args(argv)
+    return p
+
+
+def run(argv: list[str] | None = None) -> dict[str, Any]:
+    a = parser().parse_args(argv)
     return noisy_shards(expand_shards(a.input), a.out, a.gamma, seed=a.seed, buffer=a.buffer)
 
 

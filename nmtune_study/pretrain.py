@@ -38,11 +38,11 @@ from torch.utils.data import DataLoader, RandomSampler
 
 from nmtune.noise import asymmetric_noise, symmetric_noise
 from nmtune_study import train_loop as tl
-from nmtune_study.common import atomic_save, hit_rate, noise_ratio
+from nmtune_study.common import atomic_save, cached, hit_rate, noise_ratio
 from nmtune_study.data import vision as vd
 
 __all__ = ["PretrainConfig", "build_backbone", "backbone_features", "memorisation", "pretrain", "load_backbone",
-           "main", "run"]
+           "main", "parser", "run"]
 
 GLYPH_ARCH = "glyph_resnet"
 
@@ -428,13 +428,7 @@ def load_pretrain_data(dataset: str, data_root: str | None, *, image_size: int =
     """``glyphs`` (offline default), ``imagenet``/``imagefolder`` (``root/train``, ``root/val``),
     ``cifar10``/``cifar100``."""
     if dataset == "glyphs":
-        if cache is not None and cache.exists():
-            return torch.load(cache, weights_only=False)
-        data = vd.offline_pretrain_data(tiny=tiny, per_char=per_char)
-        if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            atomic_save(data, cache)
-        return data
+        return cached(cache, lambda: vd.offline_pretrain_data(tiny=tiny, per_char=per_char))
     if data_root is None:
         raise ValueError(f"--dataset {dataset} needs --data-root")
     if dataset in ("imagenet", "imagefolder"):
@@ -450,7 +444,9 @@ def load_pretrain_data(dataset: str, data_root: str | None, *, image_size: int =
     raise ValueError(f"unknown dataset {dataset!r}; expected glyphs, imagenet, imagefolder, cifar10 or cifar100")
 
 
-def run(argv: list[str] | None = None) -> dict[str, Any]:
+
+def parser() -> argparse.ArgumentParser:
+    """The command line's arguments."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
     p.add_argument("--dataset", default="glyphs", choices=["glyphs", "imagenet", "imagefolder", "cifar10", "cifar100"])
@@ -473,7 +469,11 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--stop-after", type=int, default=None, help="stop after N epochs (testing resume)")
     p.add_argument("--checkpoint-every-steps", type=int, default=None, metavar="N",
                    help="also checkpoint every N optimizer steps (a restart resumes mid-epoch); default: per epoch")
-    a = p.parse_args(argv)
+    return p
+
+
+def run(argv: list[str] | None = None) -> dict[str, Any]:
+    a = parser().parse_args(argv)
     data = load_pretrain_data(a.dataset, a.data_root, image_size=a.image_size, tiny=a.tiny, download=a.download,
                               per_char=a.per_char)
     cfg = PretrainConfig(arch=a.arch, noise=a.noise, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,

@@ -52,9 +52,9 @@ from nmtune_study.common import atomic_save, hit_rate, noise_ratio
 from nmtune_study.data import clip as cd
 
 __all__ = ["MODEL_NAME", "MODEL_CONFIG", "PRESETS", "ClipPretrainConfig", "register_model_config",
-           "write_model_dir", "build_clip", "get_tokenizer", "to_clip_input", "encode_images",
+           "write_config_parser", "write_model_dir", "build_clip", "get_tokenizer", "to_clip_input", "encode_images",
            "zero_shot_weights", "zero_shot_accuracy", "caption_memorisation", "pretrain_clip", "load_clip",
-           "load_open_clip_checkpoint", "main", "run"]
+           "load_open_clip_checkpoint", "main", "parser", "run"]
 
 MODEL_NAME = "nmtune-glyph-clip"
 #: The offline model: a ViT-style image tower on 32x32 inputs (4x4 patches of 8 px)
@@ -391,11 +391,9 @@ def load_open_clip_checkpoint(checkpoint: str | os.PathLike, model: str) -> torc
     return net.eval()
 
 
-def run(argv: list[str] | None = None) -> dict[str, Any]:
-    """Parse the command line and pre-train (or, with ``write-config``, write an open_clip model folder)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["write-config"]:
-        return _write_config(argv[1:])
+
+def parser() -> argparse.ArgumentParser:
+    """The command line's arguments."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
     p.add_argument("--gamma", type=noise_ratio, default=0.0, help="fraction of swapped pairs (0.1 = 10%%)")
@@ -407,17 +405,30 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--stop-after", type=int, default=None, help="stop after N epochs (testing resume)")
     p.add_argument("--checkpoint-every-steps", type=int, default=None, metavar="N",
                    help="also checkpoint every N optimizer steps (a rerun resumes mid-epoch); default: per epoch")
-    a = p.parse_args(argv)
+    return p
+
+
+def run(argv: list[str] | None = None) -> dict[str, Any]:
+    """Parse the command line and pre-train (or, with ``write-config``, write an open_clip model folder)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["write-config"]:
+        return _write_config(argv[1:])
+    a = parser().parse_args(argv)
     cfg = ClipPretrainConfig(gamma=a.gamma, seed=a.seed, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr)
     return pretrain_clip(cd.offline_pairs(tiny=a.tiny), cd.offline_val(tiny=a.tiny), a.out, cfg,
                          stop_after=a.stop_after, progress=True, checkpoint_every_steps=a.checkpoint_every_steps)
 
 
-def _write_config(argv: list[str]) -> dict[str, Any]:
+def write_config_parser() -> argparse.ArgumentParser:
+    """The arguments of ``pretrain_clip.py write-config``."""
     p = argparse.ArgumentParser(prog="pretrain_clip.py write-config")
     p.add_argument("folder")
     p.add_argument("--preset", default="glyph", help=f"one of {sorted(PRESETS)} or an open_clip model name")
-    a = p.parse_args(argv)
+    return p
+
+
+def _write_config(argv: list[str]) -> dict[str, Any]:
+    a = write_config_parser().parse_args(argv)
     cfg = PRESETS.get(a.preset) or _open_clip().get_model_config(a.preset)
     if cfg is None:
         raise ValueError(f"unknown preset {a.preset!r}; expected one of {sorted(PRESETS)} or an open_clip model")

@@ -56,12 +56,12 @@ from nmtune_study import contrastive
 from nmtune_study import language as language_study
 from nmtune_study import evaluate as ev
 from nmtune_study import pretrain as pt
-from nmtune_study.common import atomic_save, atomic_write_text, committed_results, cpu_seconds, flat, noise_ratio, \
+from nmtune_study.common import atomic_write_text, cached, committed_results, cpu_seconds, flat, noise_ratio, \
     seed_list
 from nmtune_study.data import vision as vd
 from nmtune_study.report.assemble import write_report
 
-__all__ = ["ABLATIONS", "PROFILES", "main", "refresh_results", "run"]
+__all__ = ["ABLATIONS", "PROFILES", "main", "parser", "refresh_results", "run"]
 
 GAMMAS = (0.0, 0.05, 0.10, 0.20, 0.30)
 REGIMES = ("supervised", "contrastive", "all")
@@ -97,7 +97,7 @@ def _tag(gamma: float) -> str:
     return f"g{round(100 * gamma):02d}"
 
 
-def _parser() -> argparse.ArgumentParser:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=None, help="output folder (default runs/reproduce, or runs/reproduce-PROFILE)")
     p.add_argument("--regime", default="supervised", choices=REGIMES,
@@ -186,12 +186,7 @@ def _profile_notes(s: dict[str, Any]) -> list[str]:
 def _load_tasks(a: argparse.Namespace, cache: pathlib.Path) -> list[vd.ImageTask]:
     if a.task:
         return [vd.parse_task_spec(s, image_size=a.image_size, download=a.download) for s in a.task]
-    if cache.exists():
-        return torch.load(cache, weights_only=False)
-    tasks = vd.offline_tasks(tiny=a.tiny)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    atomic_save(tasks, cache)
-    return tasks
+    return cached(cache, lambda: vd.offline_tasks(tiny=a.tiny))
 
 
 
@@ -498,7 +493,7 @@ def _run_contrastive(a, s, out: pathlib.Path, clock: _Clock, log) -> dict[str, A
 
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     """Run (or resume) the study; returns the aggregated results."""
-    a = _parser().parse_args(argv)
+    a = parser().parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     s = _settings(a)

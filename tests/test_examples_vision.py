@@ -422,16 +422,16 @@ def test_reproduce_paper_regime_all_has_a_section_per_regime(tmp_path, monkeypat
 
 
 def test_reproduce_paper_parses_seed_lists_and_regimes():
-    a = rp._parser().parse_args(["--seeds", "3,4,5", "--pretrain-seeds", "3", "4,5"])
+    a = rp.parser().parse_args(["--seeds", "3,4,5", "--pretrain-seeds", "3", "4,5"])
     s = rp._settings(a)
     assert s["seeds"] == [3, 4, 5] and s["pretrain_seeds"] == [3, 4, 5]
-    d = rp._settings(rp._parser().parse_args([]))
+    d = rp._settings(rp.parser().parse_args([]))
     assert len(d["pretrain_seeds"]) >= 3 and d["ablations"] == list(rp.PROFILES["default"]["ablations"])
-    assert rp._settings(rp._parser().parse_args(["--full"]))["ablations"] == list(rp.ABLATIONS)
-    assert rp._parser().parse_args([]).regime == "supervised" and rp._parser().parse_args([]).out is None
-    assert rp._parser().parse_args([]).profile == "default"
+    assert rp._settings(rp.parser().parse_args(["--full"]))["ablations"] == list(rp.ABLATIONS)
+    assert rp.parser().parse_args([]).regime == "supervised" and rp.parser().parse_args([]).out is None
+    assert rp.parser().parse_args([]).profile == "default"
     with pytest.raises(SystemExit):
-        rp._parser().parse_args(["--regime", "clip"])
+        rp.parser().parse_args(["--regime", "clip"])
 
 
 def test_tune_settings_validate_and_record() -> None:

@@ -178,7 +178,7 @@ def test_regularizer_scale_matches_the_weighted_terms():
 
 
 def test_lambda_ablation_plan_starts_at_zero_and_reuses_the_paper_lambda():
-    a = rp._parser().parse_args(["--ablations", "lambda"])
+    a = rp.parser().parse_args(["--ablations", "lambda"])
     plan = rp._ablation_plan("lambda", a, rp._settings(a))
     names = [v for v, _ in plan]
     assert names[0] == "lambda=0" and names == [f"lambda={x:g}" for x in sorted(rp.LAMBDAS)]
@@ -188,10 +188,10 @@ def test_lambda_ablation_plan_starts_at_zero_and_reuses_the_paper_lambda():
 
 
 def test_default_profile_report_says_what_differs_from_faithful():
-    a = rp._parser().parse_args([])
+    a = rp.parser().parse_args([])
     notes = rp._profile_notes(rp._settings(a))
     assert notes and "faithful" in notes[0] and "pretrain_seeds" in notes[0]
-    f = rp._parser().parse_args(["--profile", "faithful"])
+    f = rp.parser().parse_args(["--profile", "faithful"])
     s = rp._settings(f)
     assert len(s["pretrain_seeds"]) >= 5 and s["protocols"][0] == "selected"
     assert rp._profile_notes(s) == ["The faithful profile: the committed study."]
@@ -225,7 +225,7 @@ def test_example_flags_share_one_vocabulary(capsys):
         with pytest.raises(SystemExit):
             main(argv)
         assert "a fraction in [0, 1]" in capsys.readouterr().err
-    s = rp._settings(rp._parser().parse_args(["--gammas", "0", "0.3", "--seeds", "3,4", "--pretrain-seeds", "5", "6,7"]))
+    s = rp._settings(rp.parser().parse_args(["--gammas", "0", "0.3", "--seeds", "3,4", "--pretrain-seeds", "5", "6,7"]))
     assert s["gammas"] == [0.0, 0.3] and s["seeds"] == [3, 4] and s["pretrain_seeds"] == [5, 6, 7]
     for main in (contrastive.main, language.main, ev.main):
         with pytest.raises(SystemExit):

@@ -48,12 +48,18 @@ def build(wordnet_dir: str | Path, out: str | Path) -> D.TextTask:
     return task
 
 
-def main(argv: list[str] | None = None) -> int:
+
+def parser() -> argparse.ArgumentParser:
+    """The command line's arguments."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--wordnet-dir", default="/usr/share/wordnet", help="WordNet 3.0 database folder")
     p.add_argument("--out", default=str(D.WORDNET_TASK_FILE), help="output .jsonl.gz")
     p.add_argument("--check", action="store_true", help="compare a rebuild with --out instead of writing it")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
     if a.check:
         with tempfile.TemporaryDirectory() as tmp:
             fresh = Path(tmp) / "wordnet_task.jsonl.gz"

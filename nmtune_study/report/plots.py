@@ -225,8 +225,6 @@ def plot_memorisation(curves: Mapping[float, Mapping[int, Sequence[Mapping[str, 
                       title: str = "") -> str | None:
     """Memorised fraction and clean validation accuracy against epoch, one line per gamma
     (mean over pre-training seeds)."""
-    from nmtune_study.report.claims import pyplot, save_figure
-
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     drawn = False
