@@ -317,23 +317,13 @@ def run_study(
     comparisons: list[dict[str, Any]] = []
     for t in tasks:
         did = t.dataset_id()
-        feats: dict[str, np.ndarray] = {}
-        for split in [t.train, t.id_test, *t.ood.values()]:
-            x, st = encode_cached(enc, split.texts, pairs=split.text_pairs, cache_dir=cache, dataset_id=did,
-                                  split=split.name, progress=say)
-            feats[split.name] = x
-            encode_seconds += st["seconds"]
-            texts_encoded += st["texts_encoded"]
-            rate = f"{st['texts_encoded'] / st['seconds']:.1f} texts/s" if st["texts_encoded"] else "cached"
-            say(f"[language] {t.name}/{split.name}: {x.shape} ({rate})")
+        feats, seconds, texts = _encode_task(t, enc, cache, say)
+        encode_seconds += seconds
+        texts_encoded += texts
         x_tr = torch.from_numpy(feats[t.train.name])
         evals = {"id": (torch.from_numpy(feats[t.id_test.name]), t.id_test.labels)}
         evals.update({f"ood:{k}": (torch.from_numpy(feats[s.name]), s.labels) for k, s in t.ood.items()})
-        frozen = {"id": _spectrum(evals["id"][0])}
-        if t.ood:
-            ood_spec = [_spectrum(evals[f"ood:{k}"][0]) for k in t.ood]
-            frozen["ood"] = {k: float(np.mean([s[k] for s in ood_spec])) for k in ("sve", "lsvr")}
-
+        frozen = _frozen_spectra(t, evals)
         ts = time.perf_counter()
         method_res, correct = _tune_methods(t, x_tr, evals, methods, seeds, overrides, loss_cfg, say)
         tune_seconds += time.perf_counter() - ts
@@ -386,6 +376,32 @@ def run_study(
     atomic_write_text(out / "table.md", language_table(results))
     say(f"[language] wrote {out / 'results.json'} and {out / 'table.md'} ({wall:.1f} s)")
     return results
+
+
+def _encode_task(t: TextTask, enc: TextEncoder, cache: Path, say: Callable[[str], None]
+                 ) -> tuple[dict[str, np.ndarray], float, int]:
+    """Every split of ``t`` through the embedding cache: features by split name, the
+    seconds spent encoding and the number of texts encoded (0 when all were cached)."""
+    feats: dict[str, np.ndarray] = {}
+    seconds, texts = 0.0, 0
+    for split in [t.train, t.id_test, *t.ood.values()]:
+        x, st = encode_cached(enc, split.texts, pairs=split.text_pairs, cache_dir=cache, dataset_id=t.dataset_id(),
+                              split=split.name, progress=say)
+        feats[split.name] = x
+        seconds += st["seconds"]
+        texts += st["texts_encoded"]
+        rate = f"{st['texts_encoded'] / st['seconds']:.1f} texts/s" if st["texts_encoded"] else "cached"
+        say(f"[language] {t.name}/{split.name}: {x.shape} ({rate})")
+    return feats, seconds, texts
+
+
+def _frozen_spectra(t: TextTask, evals: dict[str, tuple[torch.Tensor, np.ndarray]]) -> dict[str, Any]:
+    """SVE / LSVR of the frozen embeddings: the ID test set, and the mean over the OOD sets."""
+    frozen: dict[str, Any] = {"id": _spectrum(evals["id"][0])}
+    if t.ood:
+        ood_spec = [_spectrum(evals[f"ood:{k}"][0]) for k in t.ood]
+        frozen["ood"] = {k: float(np.mean([s[k] for s in ood_spec])) for k in ("sve", "lsvr")}
+    return frozen
 
 
 def _describe(t: TextTask) -> str:
