@@ -46,9 +46,11 @@ def test_wheel_installs_into_fresh_venv(tmp_path):
     ).stdout.strip()
     # torch and numpy come from this environment (a .pth file), nmtune only from the wheel
     Path(site, "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    # no PYTHONPATH: a checkout on it (its nmtune.egg-info) would make pip skip the wheel as installed
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     subprocess.run(
         [str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--disable-pip-version-check", str(wheel)],
-        check=True,
+        check=True, env=env,
     )
     code = (
         "import nmtune, torch; from nmtune import NMTuneLoss, NMTuneHead; "
@@ -56,7 +58,6 @@ def test_wheel_installs_into_fresh_venv(tmp_path):
         "l = NMTuneLoss()(o.logits, torch.randint(0, 3, (16,)), o.features, x); l.backward(); "
         "print(nmtune.__file__, nmtune.__version__, float(l) > 0)"
     )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     out = subprocess.run([str(py), "-c", code], check=True, capture_output=True, text=True, cwd=tmp_path, env=env)
     location, version, positive = out.stdout.split()
     assert location.startswith(site) and version == "0.1.0" and positive == "True"
