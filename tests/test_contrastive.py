@@ -1,4 +1,4 @@
-"""The contrastive (CLIP) regime end to end at test size (examples/contrastive.py and friends)."""
+"""The contrastive (CLIP) regime end to end at test size (nmtune_study.contrastive and friends)."""
 
 from __future__ import annotations
 
@@ -13,16 +13,15 @@ import time
 import pytest
 import torch
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
-sys.path.insert(0, str(ROOT / "tests"))
+from nmtune_study import contrastive
+from nmtune_study import evaluate as ev
+from nmtune_study import noisy_shards as ns
+from nmtune_study import pretrain_clip as pc
+from nmtune_study import train_loop as tl
+from nmtune_study.data import clip as cd
+from test_contrastive_shards import write_shards
 
-import _clip_data as cd  # noqa: E402
-import _train_loop as tl  # noqa: E402
-import contrastive  # noqa: E402
-import evaluate as ev  # noqa: E402
-import pretrain_clip as pc  # noqa: E402
-from test_contrastive_shards import write_shards  # noqa: E402
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 RECORD_KEYS = {"gamma", "method", "kind", "task", "domain", "seed", "fraction", "accuracy", "macro_f1", "sve", "lsvr",
                "pretrain_seed", "regime"}
@@ -132,8 +131,6 @@ def test_clip_pretraining_resumes_mid_epoch_from_a_step_checkpoint(tmp_path, mon
 
 @pytest.mark.slow
 def test_open_clip_train_on_noisy_shards_then_evaluate_the_checkpoint(tmp_path):
-    import noisy_shards as ns
-
     shards = write_shards(tmp_path / "raw", n_shards=2, per_shard=24, jpeg=True)
     ns.noisy_shards(shards, tmp_path / "noisy", 0.25, seed=0, buffer=24)
     model_dir = pc.write_model_dir(tmp_path / "model")

@@ -1,19 +1,15 @@
-"""The noisy-pair tool of the contrastive regime (examples/noisy_shards.py)."""
+"""The noisy-pair tool of the contrastive regime (nmtune_study.noisy_shards, examples/noisy_shards.py)."""
 
 from __future__ import annotations
 
 import io
 import pathlib
-import sys
 import tarfile
 import tracemalloc
 
 import pytest
 
-EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
-sys.path.insert(0, str(EXAMPLES))
-
-import noisy_shards as ns  # noqa: E402
+from nmtune_study import noisy_shards as ns
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -158,6 +154,6 @@ def test_malformed_shards_raise_a_clear_error(tmp_path):
 
 def test_cli_expands_brace_ranges(tmp_path):
     write_shards(tmp_path / "in", n_shards=3, per_shard=4)
-    res = ns.main(["--input", str(tmp_path / "in" / "{000..002}.tar"), "--out", str(tmp_path / "o"),
-                   "--gamma", "0.5", "--seed", "0"])
+    res = ns.run(["--input", str(tmp_path / "in" / "{000..002}.tar"), "--out", str(tmp_path / "o"),
+                  "--gamma", "0.5", "--seed", "0"])
     assert res["shards"] == ["000.tar", "001.tar", "002.tar"] and res["num_swapped"] == 6

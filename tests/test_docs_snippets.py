@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import re
 import socket
-import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -73,8 +72,7 @@ def _language(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]
                     for t in input]
             return type("Resp", (), {"data": [type("Item", (), {"embedding": r})() for r in rows]})()
 
-    monkeypatch.syspath_prepend(str(ROOT / "examples"))
-    import _text_data
+    from nmtune_study.data import text as _text_data
 
     def hub_rows(path: str, config: str | None, split: str) -> list[dict]:  # the hub, offline: 24 rows
         words = "the a cat dog sat ran on under mat rug red blue".split()
@@ -108,7 +106,6 @@ def test_snippets_run(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     monkeypatch.chdir(tmp_path)  # snippets write to relative paths such as runs/lora
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-    modules = set(sys.modules)
     namespace: dict[str, Any] = {"__name__": f"doc_{path.stem}"}
     namespace.update(STANDINS.get(path.name, lambda *_: {})(tmp_path, monkeypatch))
     skipped = []
@@ -126,10 +123,6 @@ def test_snippets_run(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
             assert torch.isfinite(namespace["loss"]).all(), f"{path.name} block {index}: non-finite loss"
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()  # a snippet's process group must not outlive it
-    for name in set(sys.modules) - modules:  # examples/ modules imported by a snippet stay local to it
-        origin = getattr(sys.modules[name], "__file__", None) or ""
-        if origin.startswith(str(ROOT / "examples")):
-            sys.modules.pop(name, None)
     if skipped:
         with capsys.disabled():
             print("\n".join(["", "doc-test skips:", *skipped]))

@@ -217,13 +217,18 @@ def test_script_tables_name_every_script() -> None:
     examples = (ROOT / "examples" / "README.md").read_text()
     missing = [p.name for p in sorted((ROOT / "examples").glob("*.py")) if f"| `{p.name}` |" not in examples]
     assert not missing, f"examples/README.md's script table lacks {missing}"
+    modules = [p.relative_to(ROOT / "nmtune_study").as_posix() for p in sorted((ROOT / "nmtune_study").rglob("*.py"))
+               if p.name != "__init__.py"]
+    missing = [m for m in modules if f"| `{m}` |" not in examples]
+    assert not missing, f"examples/README.md's table of the nmtune_study package lacks {missing}"
     bench = (ROOT / "benchmarks" / "README.md").read_text()
     missing = [p.name for p in sorted((ROOT / "benchmarks").glob("bench_*.py")) if f"| `{p.name}` |" not in bench]
     assert not missing, f"benchmarks/README.md's script table lacks {missing}"
 
 
 def test_contrastive_class_count_matches_the_data() -> None:
-    clip_data = _load("_clip_data_for_docs", ROOT / "examples" / "_clip_data.py")
+    from nmtune_study.data import clip as clip_data
+
     n = len(clip_data.CLIP_CHARS)
     records = json.loads((ROOT / "examples" / "results" / "contrastive" / "records.json").read_text())
     pairs = {p["num_pairs"] for p in records["pretrain"].values()}

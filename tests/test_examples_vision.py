@@ -13,14 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
-sys.path.insert(0, str(EXAMPLES))
+from nmtune_study import evaluate as ev
+from nmtune_study import pretrain as pt
+from nmtune_study import reproduce as rp
+from nmtune_study import train_loop as tl
+from nmtune_study.data import vision as vd
 
-import _train_loop as tl  # noqa: E402
-import _vision_data as vd  # noqa: E402
-import evaluate as ev  # noqa: E402
-import pretrain as pt  # noqa: E402
-import reproduce_paper as rp  # noqa: E402
+EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"  # the entry points run as users run them
 
 pytestmark = pytest.mark.slow
 
@@ -209,7 +208,7 @@ def test_torchrun_restarts_a_sigkilled_rank_from_the_step_checkpoint(tmp_path):
     of 7); torchrun restarts the group once, which resumes mid-epoch from that checkpoint and ends
     with the weights of an uninterrupted run, bit for bit. Exactly one worker failure is allowed: the
     restarted group must not trip over the failed group's keys in torchrun's shared store
-    (``_train_loop.init_distributed``), nor abort at exit."""
+    (``nmtune_study.train_loop.init_distributed``), nor abort at exit."""
     import os
 
     # a rank that cannot reach its peer fails after 60 s (not torch's 30 minutes) instead of hanging the test
@@ -307,10 +306,10 @@ def test_pretrain_and_evaluate_on_imagefolder(tmp_path):
     dn = tmp_path / "dom"
     for dom in ("real", "sketch"):
         _folder_tree(dn, [dom], ["p", "q"], per=2)
-    m = pt.main(["--dataset", "imagefolder", "--data-root", str(tmp_path / "pre"), "--image-size", "32",
+    m = pt.run(["--dataset", "imagefolder", "--data-root", str(tmp_path / "pre"), "--image-size", "32",
                  "--epochs", "1", "--batch-size", "4", "--noise", "0.2", "--out", str(tmp_path / "run")])
     assert m["finished"] and 0.0 <= m["val_accuracy"] <= 1.0
-    res = ev.main(["--backbone", str(tmp_path / "run" / "model.pt"), "--out", str(tmp_path / "ev"),
+    res = ev.run(["--backbone", str(tmp_path / "run" / "model.pt"), "--out", str(tmp_path / "ev"),
                    "--task", f"folder:{tmp_path / 'down'}", "--task", f"domains:{dn}:real", "--image-size", "32",
                    "--seeds", "0", "--epochs", "2", "--fractions", "0.5", "1.0", "--tune-batch-size", "4"])
     assert res["settings"]["gamma"] == pytest.approx(0.2)
@@ -341,9 +340,9 @@ def test_reproduce_paper_tiny(tmp_path, monkeypatch):
         (lang_out / "results.json").write_text("{}")
         return {}
 
-    monkeypatch.setattr(rp, "_load_language", fake_language)
-    monkeypatch.setattr(rp, "RESULTS", tmp_path / "committed")
-    res = rp.main(["--tiny", "--out", str(out), "--no-progress", "--language", "--refresh-results",
+    monkeypatch.setattr(rp.language_study, "run_study", fake_language)
+    monkeypatch.setattr(rp, "committed_results", lambda: tmp_path / "committed")
+    res = rp.run(["--tiny", "--out", str(out), "--no-progress", "--language", "--refresh-results",
                    "--ablations", "top_k", "label_noise"])
     report = (out / "report.md").read_text()
     for section in ("## Supervised regime", "### Claims", "Table 1 analogue", "Figure 2", "Figure 3", "Figure 5",
@@ -374,7 +373,7 @@ def test_reproduce_paper_tiny(tmp_path, monkeypatch):
     models = sorted(out.glob("pretrain/*/s*/model.pt"))
     assert len(models) == 10
     mtimes = {p: p.stat().st_mtime for p in models}
-    again = rp.main(["--tiny", "--out", str(out), "--no-progress", "--ablations", "top_k", "label_noise"])
+    again = rp.run(["--tiny", "--out", str(out), "--no-progress", "--ablations", "top_k", "label_noise"])
     assert {p: p.stat().st_mtime for p in models} == mtimes
     assert again["records"] == saved["records"] and again["claims"] == saved["claims"]
 
@@ -411,9 +410,9 @@ def _fake_contrastive(calls):
 
 def test_reproduce_paper_contrastive_regime_wiring(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setitem(sys.modules, "contrastive", _fake_contrastive(calls))
+    monkeypatch.setattr(rp, "contrastive", _fake_contrastive(calls))
     out = tmp_path / "study"
-    res = rp.main(["--regime", "contrastive", "--out", str(out), "--no-progress", "--seeds", "3,4",
+    res = rp.run(["--regime", "contrastive", "--out", str(out), "--no-progress", "--seeds", "3,4",
                    "--pretrain-seeds", "5", "6", "7"])
     (call,) = calls
     assert call["out_dir"] == out / "contrastive" and call["pretrain_seeds"] == (5, 6, 7)
@@ -435,9 +434,9 @@ def test_reproduce_paper_contrastive_regime_wiring(tmp_path, monkeypatch):
 
 def test_reproduce_paper_regime_all_has_a_section_per_regime(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setitem(sys.modules, "contrastive", _fake_contrastive(calls))
+    monkeypatch.setattr(rp, "contrastive", _fake_contrastive(calls))
     out = tmp_path / "study"
-    rp.main(["--regime", "all", "--tiny", "--out", str(out), "--no-progress", "--gammas", "0", "0.1",
+    rp.run(["--regime", "all", "--tiny", "--out", str(out), "--no-progress", "--gammas", "0", "0.1",
              "--ablations"])
     report = (out / "report.md").read_text()
     assert report.index("## Supervised regime") < report.index("## Contrastive regime")
@@ -447,16 +446,16 @@ def test_reproduce_paper_regime_all_has_a_section_per_regime(tmp_path, monkeypat
 
 
 def test_reproduce_paper_parses_seed_lists_and_regimes():
-    a = rp._parser().parse_args(["--seeds", "3,4,5", "--pretrain-seeds", "3", "4,5"])
+    a = rp.parser().parse_args(["--seeds", "3,4,5", "--pretrain-seeds", "3", "4,5"])
     s = rp._settings(a)
     assert s["seeds"] == [3, 4, 5] and s["pretrain_seeds"] == [3, 4, 5]
-    d = rp._settings(rp._parser().parse_args([]))
+    d = rp._settings(rp.parser().parse_args([]))
     assert len(d["pretrain_seeds"]) >= 3 and d["ablations"] == list(rp.PROFILES["default"]["ablations"])
-    assert rp._settings(rp._parser().parse_args(["--full"]))["ablations"] == list(rp.ABLATIONS)
-    assert rp._parser().parse_args([]).regime == "supervised" and rp._parser().parse_args([]).out is None
-    assert rp._parser().parse_args([]).profile == "default"
+    assert rp._settings(rp.parser().parse_args(["--full"]))["ablations"] == list(rp.ABLATIONS)
+    assert rp.parser().parse_args([]).regime == "supervised" and rp.parser().parse_args([]).out is None
+    assert rp.parser().parse_args([]).profile == "default"
     with pytest.raises(SystemExit):
-        rp._parser().parse_args(["--regime", "clip"])
+        rp.parser().parse_args(["--regime", "clip"])
 
 
 def test_tune_settings_validate_and_record() -> None:

@@ -1,4 +1,4 @@
-"""Tests of the language study (examples/language.py and its helpers), offline, CPU."""
+"""Tests of the language study (nmtune_study.language and its helpers), offline, CPU."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-sys.path.insert(0, str(EXAMPLES))
+from nmtune_study import encoders as E
+from nmtune_study import language as L
+from nmtune_study.data import make_wordnet_task as M
+from nmtune_study.data import text as D
 
-import _encoders as E  # noqa: E402
-import _text_data as D  # noqa: E402
-import language as L  # noqa: E402
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 # --------------------------------------------------------------------------- file helpers
@@ -282,16 +282,13 @@ def test_wordnet_task_file_round_trip(tmp_path: Path) -> None:
     out.write_bytes(gzip.compress(("\n".join(lines) + "\n").encode("utf-8")))
     with pytest.raises(ValueError, match="content gives dataset_id"):
         D.read_wordnet_task(out)
-    with pytest.raises(FileNotFoundError, match="make_wordnet_task.py"):
+    with pytest.raises(FileNotFoundError, match="make_wordnet_task"):
         D.read_wordnet_task(tmp_path / "missing.jsonl.gz")
 
 
 def test_make_wordnet_task_script(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """examples/data/make_wordnet_task.py on a synthetic WordNet folder: the file it writes loads back
+    """nmtune_study.data.make_wordnet_task on a synthetic WordNet folder: the file it writes loads back
     as the task the Debian-path loader gives, a rebuild is byte-identical, --check spots a change."""
-    sys.path.insert(0, str(EXAMPLES / "data"))
-    import make_wordnet_task as M
-
     wn = tmp_path / "wordnet"
     wn.mkdir()
     noun = ["  1 licence header\n"] + [
@@ -441,10 +438,10 @@ def test_transformers_mean_pooling_matches_sentence_transformers_minilm() -> Non
 @pytest.mark.slow
 def test_tiny_end_to_end_with_the_real_minilm(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    committed = L.RESULTS_OUT / "results.json"
+    committed = EXAMPLES / "results" / "language" / "results.json"
     before = committed.stat().st_mtime if committed.exists() else None
     monkeypatch.chdir(tmp_path)  # the default output goes under ./runs/, never into the checkout
-    res = L.main(["--tiny"])
+    assert L.main(["--tiny"]) == 0
     assert "| NMTune |" in capsys.readouterr().out
     out = tmp_path / "runs" / "language"
     assert (out / "cache").is_dir()
@@ -459,7 +456,7 @@ def test_tiny_end_to_end_with_the_real_minilm(tmp_path: Path, capsys: pytest.Cap
         assert 0.0 <= agg["ood_acc"]["mean"] <= 100.0 and agg["id_sve"]["mean"] > 0
     assert tiny["frozen_features"]["id"]["sve"] > 0
     table = (out / "table.md").read_text()
-    assert "| NMTune |" in table and "paired by tuning seed" in table and res["verdict"]
+    assert "| NMTune |" in table and "paired by tuning seed" in table and saved["verdict"]
     again = L.run_study(tmp_path / "out2", tiny=True, methods=("lp",), seeds=(0,),
                         cache_dir=out / "cache", log=None)
     assert again["meta"]["texts_encoded"] == 0  # every split came from the cache
@@ -470,11 +467,11 @@ def test_tiny_end_to_end_with_the_real_minilm(tmp_path: Path, capsys: pytest.Cap
 def test_refresh_results_is_explicit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     seen = []
     monkeypatch.setattr(L, "run_study", lambda out, **kw: seen.append(Path(out)) or {"tasks": {}})
-    monkeypatch.setattr(L, "render_table", lambda res: "")
-    monkeypatch.setattr(L, "RESULTS_OUT", tmp_path / "committed")
-    L.main(["--tiny"])
+    monkeypatch.setattr(L, "language_table", lambda res: "")
+    monkeypatch.setattr(L, "committed_results", lambda: tmp_path / "committed")
+    assert L.main(["--tiny"]) == 0
     L.main(["--tiny", "--refresh-results"])
-    assert seen == [Path("runs") / "language", tmp_path / "committed"]
+    assert seen == [Path("runs") / "language", tmp_path / "committed" / "language"]
     with pytest.raises(SystemExit):
         L.main(["--refresh-results", "--out", str(tmp_path / "x")])
 

@@ -26,6 +26,11 @@ def test_wheel_installs_into_fresh_venv(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "nmtune/py.typed" in names and "nmtune/functional.py" in names
     assert not any(n.startswith(("tests/", "examples/", "benchmarks/")) for n in names)
+    # the study ships beside nmtune (as open_clip's wheel ships open_clip_train), with its package data
+    study = {n for n in names if n.startswith("nmtune_study/")}
+    sources = {p.relative_to(ROOT).as_posix() for p in (ROOT / "nmtune_study").rglob("*.py")}
+    assert sources <= study, sorted(sources - study)
+    assert {"nmtune_study/data/wordnet_task.jsonl.gz", "nmtune_study/data/LICENSE-WordNet-3.0.txt"} <= study
     # the licence ships in the wheel, declared in the SPDX form (PEP 639)
     (license_file,) = [n for n in names if n.endswith(".dist-info/licenses/LICENSE")]
     assert "Apache License" in zipfile.ZipFile(wheel).read(license_file).decode()
@@ -41,9 +46,11 @@ def test_wheel_installs_into_fresh_venv(tmp_path):
     ).stdout.strip()
     # torch and numpy come from this environment (a .pth file), nmtune only from the wheel
     Path(site, "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    # no PYTHONPATH: a checkout on it (its nmtune.egg-info) would make pip skip the wheel as installed
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     subprocess.run(
         [str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--disable-pip-version-check", str(wheel)],
-        check=True,
+        check=True, env=env,
     )
     code = (
         "import nmtune, torch; from nmtune import NMTuneLoss, NMTuneHead; "
@@ -51,7 +58,11 @@ def test_wheel_installs_into_fresh_venv(tmp_path):
         "l = NMTuneLoss()(o.logits, torch.randint(0, 3, (16,)), o.features, x); l.backward(); "
         "print(nmtune.__file__, nmtune.__version__, float(l) > 0)"
     )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     out = subprocess.run([str(py), "-c", code], check=True, capture_output=True, text=True, cwd=tmp_path, env=env)
     location, version, positive = out.stdout.split()
     assert location.startswith(site) and version == "0.1.0" and positive == "True"
+    code = ("import nmtune_study; from nmtune_study.data.text import read_wordnet_task; "
+            "print(nmtune_study.__file__, read_wordnet_task().dataset_id())")
+    out = subprocess.run([str(py), "-c", code], check=True, capture_output=True, text=True, cwd=tmp_path, env=env)
+    location, dataset_id = out.stdout.split()
+    assert location.startswith(site) and dataset_id == "wordnet-0818db852d"  # the package data, installed

@@ -1,17 +1,13 @@
-"""examples/_stats.py: intervals and verdicts, against a textbook example and scipy."""
+"""nmtune_study.report.stats: intervals and verdicts, against a textbook example and scipy."""
 
 from __future__ import annotations
 
-import pathlib
-import sys
 
 import numpy as np
 import pytest
 from scipy import stats as sps
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
-
-import _stats as S  # noqa: E402
+from nmtune_study.report import stats as S
 
 SLEEP_DIFF = [1.2, 2.4, 1.3, 1.3, 0.0, 1.0, 1.8, 0.8, 4.6, 1.4]  # Student (1908), drug 2 - drug 1
 

@@ -5,21 +5,20 @@ from __future__ import annotations
 
 import json
 import pathlib
-import sys
 
 import pytest
 import torch
 
+from nmtune.noise import symmetric_noise
+from nmtune_study import contrastive, language
+from nmtune_study import evaluate as ev
+from nmtune_study import pretrain as pt
+from nmtune_study import pretrain_clip as pc
+from nmtune_study import reproduce as rp
+from nmtune_study.data import vision as vd
+from nmtune_study.report import claims as R
+
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
-sys.path.insert(0, str(EXAMPLES))
-
-import _diagnosis as DG  # noqa: E402
-import _vision_data as vd  # noqa: E402
-import evaluate as ev  # noqa: E402
-import pretrain as pt  # noqa: E402
-import reproduce_paper as rp  # noqa: E402
-
-from nmtune.noise import symmetric_noise  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- memorisation
@@ -77,8 +76,6 @@ class _OneHotClip(torch.nn.Module):
 
 
 def test_caption_memorisation_counts_retrieved_swapped_captions():
-    import pretrain_clip as pc
-
     clean = [f"caption {i}" for i in range(6)]
     noisy = clean[:]
     noisy[0], noisy[1] = clean[1], clean[0]  # pairs 0 and 1 swapped
@@ -181,7 +178,7 @@ def test_regularizer_scale_matches_the_weighted_terms():
 
 
 def test_lambda_ablation_plan_starts_at_zero_and_reuses_the_paper_lambda():
-    a = rp._parser().parse_args(["--ablations", "lambda"])
+    a = rp.parser().parse_args(["--ablations", "lambda"])
     plan = rp._ablation_plan("lambda", a, rp._settings(a))
     names = [v for v, _ in plan]
     assert names[0] == "lambda=0" and names == [f"lambda={x:g}" for x in sorted(rp.LAMBDAS)]
@@ -191,10 +188,10 @@ def test_lambda_ablation_plan_starts_at_zero_and_reuses_the_paper_lambda():
 
 
 def test_default_profile_report_says_what_differs_from_faithful():
-    a = rp._parser().parse_args([])
+    a = rp.parser().parse_args([])
     notes = rp._profile_notes(rp._settings(a))
     assert notes and "faithful" in notes[0] and "pretrain_seeds" in notes[0]
-    f = rp._parser().parse_args(["--profile", "faithful"])
+    f = rp.parser().parse_args(["--profile", "faithful"])
     s = rp._settings(f)
     assert len(s["pretrain_seeds"]) >= 5 and s["protocols"][0] == "selected"
     assert rp._profile_notes(s) == ["The faithful profile: the committed study."]
@@ -215,16 +212,12 @@ def test_pretrain_rule_quotes_the_committed_calibration():
 
 def test_draw_decided_names_claims_with_seed_estimates_of_both_signs():
     claims = [{"claim": "a", "per_pretrain_seed": [1.0, -1.0]}, {"claim": "b", "per_pretrain_seed": [1.0, 2.0]}]
-    assert DG.draw_decided(claims) == ["a"]
+    assert R.draw_decided(claims) == ["a"]
 
 
 def test_example_flags_share_one_vocabulary(capsys):
     """Noise ratios are fractions everywhere (a percentage is refused, naming the unit); seed lists
     are comma lists or repeated values everywhere; tuning seeds are --seeds."""
-    import contrastive
-    import language
-    import pretrain_clip as pc
-
     for main, argv in ((rp.main, ["--gammas", "10"]), (rp.main, ["--ablation-gamma", "10"]),
                        (contrastive.main, ["--gammas", "30"]), (pt.main, ["--out", "x", "--gamma", "10"]),
                        (pt.main, ["--out", "x", "--noise", "10"]), (pc.main, ["--out", "x", "--gamma", "10"]),
@@ -232,7 +225,7 @@ def test_example_flags_share_one_vocabulary(capsys):
         with pytest.raises(SystemExit):
             main(argv)
         assert "a fraction in [0, 1]" in capsys.readouterr().err
-    s = rp._settings(rp._parser().parse_args(["--gammas", "0", "0.3", "--seeds", "3,4", "--pretrain-seeds", "5", "6,7"]))
+    s = rp._settings(rp.parser().parse_args(["--gammas", "0", "0.3", "--seeds", "3,4", "--pretrain-seeds", "5", "6,7"]))
     assert s["gammas"] == [0.0, 0.3] and s["seeds"] == [3, 4] and s["pretrain_seeds"] == [5, 6, 7]
     for main in (contrastive.main, language.main, ev.main):
         with pytest.raises(SystemExit):

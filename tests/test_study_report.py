@@ -1,19 +1,20 @@
-"""examples/_report.py: paired claims with intervals, ablation tables, figures."""
+"""nmtune_study.report: paired claims with intervals, ablation tables, figures; every docstring example."""
 
 from __future__ import annotations
 
 import doctest
-import pathlib
-import sys
+import importlib
+import pkgutil
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
-
-import _common as C  # noqa: E402
-import _report as R  # noqa: E402
-import _stats as S  # noqa: E402
+import nmtune_study
+from nmtune_study import common as C
+from nmtune_study.report import claims as R
+from nmtune_study.report import markdown as MD
+from nmtune_study.report import plots as P
+from nmtune_study.report import records as RC
 
 GAMMAS = [0.0, 0.05, 0.1, 0.2, 0.3]
 ID_ACC = {"lp": [0.80, 0.82, 0.81, 0.78, 0.75], "mlp": [0.81, 0.83, 0.82, 0.79, 0.76],
@@ -53,7 +54,7 @@ def test_paper_like_numbers_reproduce_all_16_claims():
         assert c["ci_low"] <= c["estimate"] <= c["ci_high"]
         assert (c["n_pretrain"], c["n_tune"]) in ((3, 2), (3, 1))
         assert set(c) >= {"claim", "verdict", "estimate", "ci_low", "ci_high", "n_pretrain", "n_tune"}
-    md = R.claims_markdown(claims)
+    md = MD.claims_markdown(claims)
     assert md.count("\n") == len(claims) + 1 and "**reproduced**" in md
     assert R.verdict_counts(claims) == {"reproduced": 16, "contradicted": 0, "inconclusive": 0}
 
@@ -117,18 +118,18 @@ def test_ablation_table_and_figures(tmp_path):
     by = {(r["variant"], r["kind"]): r for r in rows}
     assert by[("-COV", "id")]["diff"]["estimate"] == pytest.approx(-10.0)
     assert by[("-COV", "id")]["diff"]["ci_high"] < 0 and by[("-SVD", "id")]["diff"]["estimate"] == pytest.approx(0)
-    assert "| -COV | NMTune | ID |" in R.ablation_markdown(rows)
+    assert "| -COV | NMTune | ID |" in MD.ablation_markdown(rows)
     main, backbone, _ = paper_like()
     claims = R.check_claims(main, backbone=backbone)
-    for path in (R.plot_ablation(rows, tmp_path / "abl.png", title="terms"),
-                 R.plot_forest(claims, tmp_path / "forest.png", title="claims")):
+    for path in (P.plot_ablation(rows, tmp_path / "abl.png", title="terms"),
+                 P.plot_forest(claims, tmp_path / "forest.png", title="claims")):
         data = open(path, "rb").read()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
 
 
 def test_summarize_records_over_pretrain_and_tuning_seeds():
     recs, _, _ = paper_like(noise=0.0)
-    s = R.summarize_records(recs)
+    s = RC.summarize_records(recs)
     mu, sd = s["lp"][0.0]["id"]["accuracy"]
     assert mu == pytest.approx(0.80) and sd == pytest.approx(0.0, abs=1e-12)
 
@@ -142,9 +143,23 @@ def test_common_metrics_are_scipy_and_sklearn():
     assert C.spearman([0, 1, 2, 3], [1, 3, 2, 4]) == pytest.approx(spearmanr([0, 1, 2, 3], [1, 3, 2, 4]).statistic)
     assert C.spearman([0, 1, 2], [5, 5, 5]) == 0.0
     assert C.mean_std([2.0]) == (2.0, 0.0)
+    # the language study's GLUE metrics: F1 of one class is 2 TP / (2 TP + FP + FN) with any other labels around
+    y, p = [1, 1, 0, 2, 1, 2], [1, 0, 1, 2, 1, 1]  # TP 2, FP 2, FN 1
+    assert C.binary_f1(y, p) == pytest.approx(4 / 7) and C.binary_f1([0, 2], [2, 0]) == 0.0
+    assert C.matthews([0, 1, 0, 1], [0, 0, 0, 0]) == 0.0 and C.matthews([2, 2], [2, 2]) == 0.0  # undefined: 0
+    x, z = [0.5, 1.5, 2.0, 4.0], [1.0, 0.0, 3.0, 5.0]
+    assert C.pearson(x, z) == pytest.approx(np.corrcoef(x, z)[0, 1], abs=1e-15) and C.pearson(x, [1, 1, 1, 1]) == 0.0
 
 
-@pytest.mark.parametrize("module", [C, R, S])
-def test_docstring_examples(module):
-    res = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-    assert res.failed == 0 and res.attempted > 0
+MODULES = sorted(m.name for m in pkgutil.walk_packages(nmtune_study.__path__, "nmtune_study."))
+
+
+def test_every_study_module_is_collected() -> None:
+    assert {"nmtune_study.common", "nmtune_study.report.claims", "nmtune_study.report.stats",
+            "nmtune_study.reproduce", "nmtune_study.data.text"} <= set(MODULES)
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name: str) -> None:
+    res = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert res.failed == 0, f"{res.failed} of {res.attempted} doctest examples in {name} failed (see stdout)"

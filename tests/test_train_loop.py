@@ -1,4 +1,4 @@
-"""The training-loop toolkit of the pre-training examples (examples/_train_loop.py): RNG state,
+"""The training-loop toolkit of the pre-training examples (nmtune_study.train_loop): RNG state,
 warm-up + cosine, index-level mid-epoch start and the checkpoint that resumes mid-epoch."""
 
 from __future__ import annotations
@@ -6,16 +6,13 @@ from __future__ import annotations
 import math
 import pathlib
 import random
-import sys
 
 import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, TensorDataset
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
-
-import _train_loop as tl  # noqa: E402
+from nmtune_study import train_loop as tl
 
 
 class _Interrupt(Exception):

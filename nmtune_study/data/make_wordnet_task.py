@@ -1,6 +1,6 @@
 """Rebuild ``wordnet_task.jsonl.gz``, the language study's offline task, from WordNet 3.0.
 
-The study's default task (``examples/language.py``, ``_text_data.load_wordnet_task``)
+The study's default task (``nmtune_study.language``, ``nmtune_study.data.text.load_wordnet_task``)
 is WordNet 3.0 synset definitions and usage examples labelled with their lexicographer
 category. No pip package ships WordNet 3.0's database files, so the task itself ships
 in this folder, with WordNet's licence beside it (``LICENSE-WordNet-3.0.txt``; the
@@ -10,8 +10,8 @@ licence allows redistribution with its notice). This script makes it from Debian
 exactly the one the Debian files give: same texts, labels, order and ``dataset_id``.
 The output is byte-for-byte reproducible (no time or name in the gzip header)::
 
-    python examples/data/make_wordnet_task.py            # rewrite the shipped file
-    python examples/data/make_wordnet_task.py --check    # exit 1 if it differs from a rebuild
+    python -m nmtune_study.data.make_wordnet_task            # rewrite the shipped file
+    python -m nmtune_study.data.make_wordnet_task --check    # exit 1 if it differs from a rebuild
 """
 
 from __future__ import annotations
@@ -19,14 +19,10 @@ from __future__ import annotations
 import argparse
 import filecmp
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-
-import _text_data as D  # noqa: E402
+from nmtune_study.data import text as D
 
 #: the default arguments of ``load_wordnet_task``: the task the study uses
 PARAMS = {"pos": ["noun", "verb"], "n_train": 100, "n_test": 40, "n_ood": 60, "min_words": 3,
@@ -47,17 +43,23 @@ def build(wordnet_dir: str | Path, out: str | Path) -> D.TextTask:
     params = dict(PARAMS)
     task = D.load_wordnet_task(wordnet_dir, pos=tuple(params.pop("pos")), **params)
     source = (f"WordNet 3.0 (Princeton University), data.noun and data.verb of Debian's wordnet-base "
-              f"{_debian_version()}; built by examples/data/make_wordnet_task.py")
+              f"{_debian_version()}; built by examples/data/make_wordnet_task.py")  # as the shipped file records it
     D.write_wordnet_task(task, out, params=PARAMS, source=source)
     return task
 
 
-def main(argv: list[str] | None = None) -> int:
+
+def parser() -> argparse.ArgumentParser:
+    """The command line's arguments."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--wordnet-dir", default="/usr/share/wordnet", help="WordNet 3.0 database folder")
     p.add_argument("--out", default=str(D.WORDNET_TASK_FILE), help="output .jsonl.gz")
     p.add_argument("--check", action="store_true", help="compare a rebuild with --out instead of writing it")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
     if a.check:
         with tempfile.TemporaryDirectory() as tmp:
             fresh = Path(tmp) / "wordnet_task.jsonl.gz"

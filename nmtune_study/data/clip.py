@@ -1,6 +1,6 @@
 """Offline image-caption pairs for the contrastive (CLIP) regime.
 
-The images are the supervised study's glyph renderings (``_vision_data.render_glyphs``:
+The images are the supervised study's glyph renderings (``data.vision.render_glyphs``:
 matplotlib's DejaVu fonts, random size, stroke, rotation, shear and shift): the ~100
 pre-training characters plus the ten digits ``0-9`` (so that the digit tasks have a
 zero-shot prompt the model has read; scikit-learn's handwritten digits, the
@@ -23,16 +23,12 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import sys
-import pathlib
 import unicodedata
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-
-import _vision_data as vd  # noqa: E402
+from nmtune_study.data import vision as vd
 
 __all__ = ["ClipPairs", "CLIP_CHARS", "describe", "font_description", "caption", "class_prompts",
            "offline_pairs", "offline_val", "PROMPT_TEMPLATES"]

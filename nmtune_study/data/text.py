@@ -14,15 +14,16 @@ Three sources, one shape (:class:`TextTask`):
   disjoint train / test synsets and the out-of-domain test set is the usage examples
   quoted in the glosses of synsets never seen in training (dictionary definitions ->
   example sentences). It is *not* GLUE. The task ships with the repository
-  (``examples/data/wordnet_task.jsonl.gz``, WordNet's licence beside it), so nothing
-  needs installing; ``examples/data/make_wordnet_task.py`` regenerates it from Debian's
+  (``nmtune_study/data/wordnet_task.jsonl.gz``, package data, WordNet's licence beside it), so nothing
+  needs installing; ``python -m nmtune_study.data.make_wordnet_task`` regenerates it from Debian's
   ``wordnet-base`` files, which :func:`load_wordnet_task` also reads (``wordnet_dir=``)
   for other parameters.
 * :func:`tiny_task`, a 4-class hand-written set of a few dozen sentences with the same
   definition -> usage-example shift, for tests and ``--tiny`` runs.
 
 Metrics follow GLUE (:func:`task_metrics`): Matthews correlation for CoLA, Pearson and
-Spearman for STS-B, F1 (with accuracy) for MRPC / QQP, accuracy otherwise.
+Spearman for STS-B, F1 (with accuracy) for MRPC / QQP, accuracy otherwise; each is
+scikit-learn's or scipy's (:mod:`nmtune_study.common`).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import macro_f1, spearman
+from nmtune_study.common import binary_f1, macro_f1, matthews, pearson, spearman
 
 __all__ = [
     "GLUE_TASKS",
@@ -148,38 +149,6 @@ def _accuracy(y: np.ndarray, p: np.ndarray) -> float:
     return float(np.mean(y == p)) if len(y) else float("nan")
 
 
-def _matthews(y: np.ndarray, p: np.ndarray) -> float:
-    # Multiclass MCC (Gorodkin 2004), equal to the binary formula for two classes.
-    labels = np.union1d(y, p)
-    k = len(labels)
-    idx_y = np.searchsorted(labels, y)
-    idx_p = np.searchsorted(labels, p)
-    c = np.zeros((k, k), dtype=np.float64)
-    np.add.at(c, (idx_y, idx_p), 1.0)
-    t = c.sum(axis=1)
-    pk = c.sum(axis=0)
-    n = c.sum()
-    cov_yp = np.trace(c) * n - t @ pk
-    cov_yy = n * n - t @ t
-    cov_pp = n * n - pk @ pk
-    denom = np.sqrt(cov_yy * cov_pp)
-    return float(cov_yp / denom) if denom > 0 else 0.0
-
-
-def _f1_binary(y: np.ndarray, p: np.ndarray, positive: int = 1) -> float:
-    tp = float(np.sum((p == positive) & (y == positive)))
-    fp = float(np.sum((p == positive) & (y != positive)))
-    fn = float(np.sum((p != positive) & (y == positive)))
-    return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn > 0 else 0.0
-
-
-def _pearson(a: np.ndarray, b: np.ndarray) -> float:
-    a = np.asarray(a, dtype=np.float64) - np.mean(a)
-    b = np.asarray(b, dtype=np.float64) - np.mean(b)
-    denom = np.sqrt((a @ a) * (b @ b))
-    return float(a @ b / denom) if denom > 0 else 0.0
-
-
 _METRICS = ("accuracy", "matthews", "f1", "pearson_spearman")
 
 
@@ -211,17 +180,17 @@ def task_metrics(metric: str, y_true: Sequence | np.ndarray, y_pred: Sequence | 
             f"y_true and y_pred must be 1-D of the same length, got shapes {y.shape} and {p.shape}"
         )
     if metric == "pearson_spearman":
-        pear = _pearson(y, p)
+        pear = pearson(y, p)
         spear = spearman(y, p)
         return {"pearson": pear, "spearman": spear, "score": (pear + spear) / 2}
     y = y.astype(np.int64)
     p = p.astype(np.int64)
     out = {"accuracy": _accuracy(y, p), "macro_f1": macro_f1(y, p)}
     if metric == "matthews":
-        out["matthews"] = _matthews(y, p)
+        out["matthews"] = matthews(y, p)
         out["score"] = out["matthews"]
     elif metric == "f1":
-        out["f1"] = _f1_binary(y, p)
+        out["f1"] = binary_f1(y, p)
         out["score"] = out["f1"]
     else:
         out["score"] = out["accuracy"]
@@ -554,11 +523,11 @@ LEXNAMES: tuple[str, ...] = (
     "verb.perception", "verb.possession", "verb.social", "verb.stative", "verb.weather", "adj.ppl",
 )
 
-# The task the study uses, built from Debian's wordnet-base by examples/data/make_wordnet_task.py.
-WORDNET_TASK_FILE = Path(__file__).resolve().parent / "data" / "wordnet_task.jsonl.gz"
+# The task the study uses, built from Debian's wordnet-base by nmtune_study/data/make_wordnet_task.py.
+WORDNET_TASK_FILE = Path(__file__).resolve().parent / "wordnet_task.jsonl.gz"
 _WORDNET_FORMAT = "nmtune-wordnet-task/1"
 _WORDNET_HINT = (
-    "pass wordnet_dir=None to read the task shipped in examples/data/wordnet_task.jsonl.gz, or point "
+    "pass wordnet_dir=None to read the task shipped in nmtune_study/data/wordnet_task.jsonl.gz, or point "
     "wordnet_dir= / NMTUNE_WORDNET_DIR to a WordNet 3.0 database folder holding data.noun and data.verb "
     "(Debian's wordnet-base package puts one in /usr/share/wordnet: apt-get install -y wordnet-base)"
 )
@@ -610,7 +579,7 @@ def load_wordnet_task(
     set (both: a WordNet 3.0 database folder, e.g. Debian's ``wordnet-base`` in
     ``/usr/share/wordnet``), else the task shipped in the repository
     (:data:`WORDNET_TASK_FILE`, built from those files with the default arguments by
-    ``examples/data/make_wordnet_task.py``: same texts, labels, order and
+    ``nmtune_study/data/make_wordnet_task.py``: same texts, labels, order and
     :meth:`TextTask.dataset_id`). The shipped file holds only the default task, so other
     arguments need the database folder.
 
@@ -730,8 +699,8 @@ def write_wordnet_task(task: TextTask, path: str | os.PathLike, *, params: Mappi
 def _read_wordnet_file(path: Path) -> tuple[TextTask, dict]:
     if not path.is_file():
         raise FileNotFoundError(
-            f"{path} not found: it ships with the nmtune repository (examples/data/); a checkout without it "
-            "can rebuild it with examples/data/make_wordnet_task.py from WordNet 3.0's database, or "
+            f"{path} not found: it ships with the nmtune_study package (nmtune_study/data/); a copy without it "
+            "can rebuild it with python -m nmtune_study.data.make_wordnet_task from WordNet 3.0's database, or "
             f"{_WORDNET_HINT}"
         )
     with gzip.open(path, "rt", encoding="utf-8") as fh:

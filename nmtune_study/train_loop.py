@@ -4,8 +4,10 @@ One implementation each of what a resumable loop needs:
 
 * :func:`seed_everything`, :func:`capture_rng` / :func:`restore_rng`: the Python,
   NumPy, torch CPU and CUDA generators and the data-order generator;
-* :func:`warmup_cosine` / :func:`warmup_steps`: linear warm-up then cosine decay,
-  per optimizer step (a ``LambdaLR`` factor);
+* :func:`warmup_cosine_scheduler` (from :func:`warmup_cosine` and :func:`warmup_steps`):
+  linear warm-up then cosine decay, per optimizer step;
+* :func:`epochs_of_call`: the epochs one call trains (to the end, or ``stop_after`` of
+  them: an interruption that the next call resumes);
 * :class:`ResumableSampler` and :func:`batches_from`: start an epoch at step ``k``
   without loading the ``k`` batches before it, in the order an uninterrupted run
   draws;
@@ -64,11 +66,13 @@ __all__ = [
     "batches_from",
     "capture_rng",
     "check_every_steps",
+    "epochs_of_call",
     "init_distributed",
     "restore_rng",
     "save_atomic",
     "seed_everything",
     "warmup_cosine",
+    "warmup_cosine_scheduler",
     "warmup_steps",
 ]
 
@@ -156,6 +160,35 @@ def warmup_cosine(total_steps: int, warmup: int) -> Callable[[int], float]:
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
 
     return lr_at
+
+
+def warmup_cosine_scheduler(optimizer: torch.optim.Optimizer, *, epochs: int, steps_per_epoch: int,
+                            warmup_epochs: float) -> torch.optim.lr_scheduler.LambdaLR:
+    """The schedule of both pre-training regimes, stepped once per optimizer step:
+    :func:`warmup_cosine` over ``epochs * steps_per_epoch`` steps with a warm-up of
+    :func:`warmup_steps` ``(warmup_epochs, steps_per_epoch)``.
+
+    Example:
+        >>> opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        >>> sch = warmup_cosine_scheduler(opt, epochs=2, steps_per_epoch=5, warmup_epochs=0.4)
+        >>> sch.get_last_lr()
+        [0.5]
+    """
+    total = epochs * steps_per_epoch
+    warmup = warmup_steps(warmup_epochs, steps_per_epoch)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, warmup))
+
+
+def epochs_of_call(position: Position, epochs: int, stop_after: int | None = None) -> range:
+    """The epochs (0-based) one call trains: from where ``position`` stands to ``epochs``, or
+    ``stop_after`` of them (an interruption in tests; the next call resumes).
+
+    Example:
+        >>> epochs_of_call(Position(epoch=2), 10), epochs_of_call(Position(epoch=2), 10, stop_after=3)
+        (range(2, 10), range(2, 5))
+    """
+    end = epochs if stop_after is None else min(epochs, position.epoch + stop_after)
+    return range(position.epoch, end)
 
 
 class ResumableSampler(Sampler[int]):
@@ -272,6 +305,19 @@ class Position:
     step: int = 0
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     partial: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def in_epoch(self, epoch: int) -> tuple[int, dict[str, Any]]:
+        """``(batches already done, accumulators)`` of epoch ``epoch`` (0-based): those of the step
+        checkpoint for the epoch it stopped in, ``(0, {})`` for every other epoch.
+
+        Example:
+            >>> p = Position(epoch=1, step=3, partial={"seen": 24})
+            >>> p.in_epoch(1), p.in_epoch(2)
+            ((3, {'seen': 24}), (0, {}))
+        """
+        if epoch == self.epoch and self.step:
+            return self.step, self.partial
+        return 0, {}
 
 
 def init_distributed(backend: str) -> None:
