@@ -19,7 +19,7 @@ import math
 import torch
 
 from nmtune import functional as NF
-from nmtune._validation import check_tensor
+from nmtune._validation import check_features
 
 __all__ = ["feature_spectrum", "spectrum_summary"]
 
@@ -41,10 +41,7 @@ def feature_spectrum(features: torch.Tensor, *, normalize_rows: bool = True) -> 
         >>> [round(v, 3) for v in s.tolist()]
         [1.0, 1.0, 1.0]
     """
-    check_tensor("features", features, needs_values=True)
-    if features.ndim != 2:
-        raise ValueError(f"features must be a floating-point (M, D) tensor, got shape {tuple(features.shape)}")
-    NF.validate_features(features, "features")
+    check_features("features", features, min_rows=2, matrix=True, needs_values=True)
     NF.validate_finite(features, "features", hint="")
     return NF.singular_values(features.detach(), normalize_rows=normalize_rows, check_finite=False).double().cpu()
 
