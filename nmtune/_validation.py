@@ -143,13 +143,13 @@ def check_tensor(
 
 
 def check_features(
-    name: str, value: object, *, min_rows: int = 1, rows: int | None = None, matrix: bool = False,
-    needs_values: bool = False, like: tuple[str, torch.Tensor] | None = None,
+    name: str, value: object, *, min_rows: int = 1, matrix: bool = False, needs_values: bool = False,
+    like: tuple[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``value`` if it is a batch of feature rows, else an error naming ``name``.
 
     A floating tensor ``(..., M, D)`` (``matrix``: exactly ``(N, D)``) with ``D >= 1`` and at
-    least ``min_rows`` rows (exactly ``rows`` when given); ``needs_values`` refuses a meta tensor;
+    least ``min_rows`` rows; ``needs_values`` refuses a meta tensor;
     ``like=(other_name, other)``: of ``other``'s shape, on its device (a pair of feature batches).
 
     Raises:
@@ -170,11 +170,8 @@ def check_features(
         raise ValueError(f"{name} must have shape (N, D); got shape {shape}")
     if value.dim() < 2:
         raise ValueError(f"{name} must have shape (..., M, D) with at least 2 dims; got shape {shape}")
-    m = value.shape[-2]
-    if rows is not None and m != rows:
-        raise ValueError(f"{name} has {m} row(s); expected {rows} (got shape {shape})")
-    if m < min_rows:
-        raise ValueError(f"{name} has {m} row(s); at least {min_rows} needed (got shape {shape})")
+    if value.shape[-2] < min_rows:
+        raise ValueError(f"{name} has {value.shape[-2]} row(s); at least {min_rows} needed (got shape {shape})")
     if value.shape[-1] < 1:
         raise ValueError(f"{name} has no feature columns (got shape {shape})")
     if like is not None:
