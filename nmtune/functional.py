@@ -476,13 +476,13 @@ def nmtune_regularizer(
     config: NMTuneConfig | str | None = None,
     *,
     views: int = 1,
-    statistics_of: Tensor | _kernels.Moments | None = None,
     return_components: bool = False,
 ) -> Tensor | LossComponents:
     """The NMTune regularizers of ``config``: ``lambda_ * (w_c L_MSE + w_v L_COV + w_s L_SVD)``.
 
-    The function behind :class:`~nmtune.NMTuneRegularizer` (which adds the gather of
-    ``gather_distributed``): the same checks, statistics and result.
+    The function behind :class:`~nmtune.NMTuneRegularizer`: the same checks, statistics and
+    result for the rows it is given (the module also gathers the global batch under
+    ``gather_distributed``; this function reads no process group).
 
     Args:
         z: Tuned features ``(..., M, D)``.
@@ -492,9 +492,6 @@ def nmtune_regularizer(
         views: ``1`` or ``2`` (``z`` and ``f`` are ``cat([weak, strong])``; ``L_MSE``
             pairs the strong view's ``Z`` with the weak view's ``F``), as for
             :meth:`NMTuneRegularizer.forward <nmtune.NMTuneRegularizer.forward>`.
-        statistics_of: The rows ``L_COV`` and ``L_SVD`` are taken from, or their
-            :class:`~nmtune._kernels.Moments`: the global batch under data parallelism
-            (:func:`nmtune.distributed.global_statistics`); default ``z``.
         return_components: Return a :class:`LossComponents` (``task`` zero) instead of the scalar.
 
     Returns:
@@ -502,17 +499,19 @@ def nmtune_regularizer(
         its :class:`LossComponents`.
 
     Example:
+        >>> from nmtune import NMTuneRegularizer
         >>> f = torch.randn(64, 32)
         >>> z = (f + 0.1 * torch.randn(64, 32)).requires_grad_()
-        >>> parts = nmtune_regularizer(z, f, "official", return_components=True)
+        >>> torch.equal(nmtune_regularizer(z, f), NMTuneRegularizer()(z, f))  # the "paper" preset
+        True
+        >>> parts = nmtune_regularizer(z, f, "official", views=2, return_components=True)
         >>> parts.loss.backward()
-        >>> sorted(name for name, v in parts.as_dict().items() if v.shape == ())[:3]
-        ['consistency', 'covariance', 'loss']
+        >>> float(parts.skipped), parts.sve > 0
+        (0.0, tensor(True))
     """
     cfg = resolve_config(config, {})
     check_regularizer_inputs(z, f, cfg, views=views)
-    return weighted_regularizer(z, f, cfg, views=views, statistics_of=statistics_of,
-                                return_components=return_components)
+    return weighted_regularizer(z, f, cfg, views=views, return_components=return_components)
 
 
 def check_regularizer_inputs(z: object, f: object, config: NMTuneConfig, *, views: int = 1) -> None:
@@ -544,26 +543,25 @@ def weighted_regularizer(
 ) -> Tensor | LossComponents:
     """:func:`nmtune_regularizer` after :func:`check_regularizer_inputs`: the checks that need the
     statistics' rows (enough of them, ``top_k``, finite values), the terms, their weighted sum."""
-    cfg = config
     zs = z if statistics_of is None else statistics_of
     out_dtype = result_dtype(z.dtype)
     if zs.shape[-2] < 2:
-        if cfg.small_batch == "skip":
+        if config.small_batch == "skip":
             return _skipped(z, out_dtype, return_components)
         raise _too_few_rows(zs, z)
-    if cfg.uses_singular_value and not cfg.clamp_top_k:
-        validate_top_k(cfg.top_k, zs.shape)
-    if cfg.check_finite:  # one host sync for both tensors
-        validate_finite(z, "z", also=f if cfg.uses_consistency else None, also_name="f")
-    zc, fc = _paired_views(z, f, views) if cfg.uses_consistency else (z, None)
+    if config.uses_singular_value and not config.clamp_top_k:
+        validate_top_k(config.top_k, zs.shape)
+    if config.check_finite:  # one host sync for both tensors
+        validate_finite(z, "z", also=f if config.uses_consistency else None, also_name="f")
+    zc, fc = _paired_views(z, f, views) if config.uses_consistency else (z, None)
     terms = nmtune_terms(
-        zc, fc, covariance=cfg.uses_covariance, singular_value=cfg.uses_singular_value, metrics=return_components,
-        top_k=cfg.top_k, consistency_mode=cfg.consistency_mode, precision=cfg.precision, statistics_of=zs,
+        zc, fc, covariance=config.uses_covariance, singular_value=config.uses_singular_value, metrics=return_components,
+        top_k=config.top_k, consistency_mode=config.consistency_mode, precision=config.precision, statistics_of=zs,
     )
-    weights = (cfg.consistency_weight, cfg.covariance_weight, cfg.singular_value_weight)
+    weights = (config.consistency_weight, config.covariance_weight, config.singular_value_weight)
     weighted = [w * t.mean() for w, t in zip(weights, terms[:3]) if t is not None]
     # With every term off, a zero that keeps each parameter behind z in the graph (DDP).
-    reg = (cfg.lambda_ * sum(weighted[1:], weighted[0]) if weighted else z.sum() * 0).to(out_dtype)
+    reg = (config.lambda_ * sum(weighted[1:], weighted[0]) if weighted else z.sum() * 0).to(out_dtype)
     if not return_components:
         return reg
     zero = z.new_zeros((), dtype=out_dtype)
