@@ -29,14 +29,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
 
 from nmtune import _kernels
 from nmtune._deprecation import module_getattr
-from nmtune._validation import check_choice, check_features, check_int, check_same_device, check_tensor
+from nmtune._validation import check_choice, check_features, check_int, check_tensor
 from nmtune.config import CONSISTENCY_MODES, PRECISIONS, NMTuneConfig, resolve_config
 
 __all__ = [
@@ -122,7 +122,7 @@ def validate_singular_values(sigma: object) -> Tensor:
     """``sigma`` as singular values ``(..., K)``: floating, ``K >= 1``, finite and non-negative.
 
     The value check costs one host synchronisation (skipped for meta tensors and while
-    ``torch.compile`` traces); the loss path uses the unchecked ``_*_of`` functions.
+    ``torch.compile`` traces); the loss path uses the unchecked ``_kernels.*_of`` functions.
     """
     sigma = check_tensor("sigma", sigma, min_dim=1, nonempty=True)
     if not (torch.compiler.is_compiling() or sigma.is_meta) and not bool(

@@ -136,7 +136,7 @@ def _as_tensor(x: Any, name: str) -> Tensor:
     raise TypeError(f"{name} must be a torch.Tensor or a NumPy array; got {type(x).__name__}")
 
 
-def _check_features(features: Any, name: str = "features") -> Tensor:
+def _feature_matrix(features: Any, name: str = "features") -> Tensor:
     """Features ``(N, D)`` of any floating dtype (NumPy arrays accepted); returns the tensor."""
     return check_features(name, _as_tensor(features, name), matrix=True, needs_values=True)
 
@@ -409,7 +409,7 @@ def _fit_inputs(
         top = found.max_label
         digests = (found.features_digest, found.labels_digest)
     else:
-        features = _check_features(features)
+        features = _feature_matrix(features)
         n = features.shape[0]
         if n < 2:
             raise ValueError(f"features needs at least 2 rows to train; got shape {tuple(features.shape)}")
@@ -537,7 +537,7 @@ def _macro_f1(pred: Tensor, target: Tensor, num_classes: int) -> float:
     return counts.macro_f1()
 
 
-class _GramSpectrum:
+class _StreamedSpectrum:
     """Singular values of the stacked rows ``Z`` from ``Z^T Z`` accumulated in float64 (``D x D``):
     the spectrum of a set too large to hold, one batch at a time."""
 
@@ -599,7 +599,7 @@ def evaluate(
     if _rows.is_streamed(features):
         rows: _Rows = _rows.rows_of(features, labels)
     else:
-        x = _check_features(features)
+        x = _feature_matrix(features)
         y = _check_labels(labels, x.shape[0])
         NF.validate_finite(x, "features", hint=hint)
         rows = _TensorRows(x, y)
@@ -620,7 +620,7 @@ def evaluate(
                 counts = _Counts(c, param.device)
                 # a streamed set (or a single row, which has no Gram of rows) accumulates Z^T Z
                 gram = rows.streamed or rows.n < 2
-                spectrum = _GramSpectrum(z.shape[-1], param.device, normalize_rows) if gram else None
+                spectrum = _StreamedSpectrum(z.shape[-1], param.device, normalize_rows) if gram else None
             counts.update(logits.argmax(dim=-1), yb.to(param.device, torch.long))
             if spectrum is not None:
                 spectrum.update(z)
