@@ -44,8 +44,11 @@ class RenamedAttribute:
         return getattr(obj, self.new)
 
 
-def renamed_keywords(owner: str, kwargs: Mapping[str, Any], renames: Mapping[str, str]) -> dict[str, Any]:
-    """``kwargs`` with each 0.1 name of ``renames`` (old -> new) replaced by its new one, warning once each.
+def renamed_keywords(
+    owner: str, kwargs: Mapping[str, Any], renames: Mapping[str, str], *, stacklevel: int = 2
+) -> dict[str, Any]:
+    """``kwargs`` with each 0.1 name of ``renames`` (old -> new) replaced by its new one, warning once each
+    (``stacklevel`` counts from the caller of this function, as :func:`warnings.warn`'s does).
 
     Raises:
         TypeError: An old name and its new one are both given.
@@ -53,7 +56,7 @@ def renamed_keywords(owner: str, kwargs: Mapping[str, Any], renames: Mapping[str
     out = dict(kwargs)
     for old, new in renames.items():
         if old in out:
-            warn_renamed(owner, old, new, stacklevel=3)
+            warn_renamed(owner, old, new, stacklevel=stacklevel + 1)
             if new in out:
                 raise TypeError(f"{owner} got both {old!r} (deprecated) and {new!r}; pass only {new!r}")
             out[new] = out.pop(old)

@@ -58,8 +58,9 @@ RENAMED_FIELDS = {
 
 
 def _new_names(fields: dict[str, Any]) -> dict[str, Any]:
-    """``fields`` with every 0.1 name replaced by its new one (a ``DeprecationWarning`` each)."""
-    return renamed_keywords("NMTuneConfig", fields, RENAMED_FIELDS)
+    """``fields`` with every 0.1 name replaced by its new one (a ``DeprecationWarning`` each, pointing at
+    the caller of the ``NMTuneConfig`` method that received them)."""
+    return renamed_keywords("NMTuneConfig", fields, RENAMED_FIELDS, stacklevel=3)
 
 
 @dataclass(frozen=True)
