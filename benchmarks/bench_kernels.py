@@ -39,7 +39,6 @@ import torch
 
 import _common as C  # noqa: N812  (benchmarks/ is on sys.path when run as a script)
 from nmtune import NMTuneRegularizer
-from nmtune import _kernels
 
 DEFAULT_SHAPES = "64x512,256x768,256x2048,1024x768,512x4096,256x8192"
 QUICK_SHAPES = "64x512,256x768"
@@ -75,7 +74,7 @@ def _ours(reg: NMTuneRegularizer) -> Callable[[torch.Tensor, torch.Tensor], Any]
 
 
 def _floor(rows: bool, dtype: torch.dtype) -> Callable[[torch.Tensor, torch.Tensor], Any]:
-    return lambda z, f: _kernels.gram(z.to(dtype), rows).sum()
+    return lambda z, f: C.gram(z.to(dtype), rows).sum()
 
 
 def time_shape(

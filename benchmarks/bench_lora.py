@@ -263,7 +263,7 @@ def time_full_finetuning(args: argparse.Namespace, device: torch.device) -> list
     sources = ("none", "frozen copy", "cache", "same weights, no_grad")
     ms = _interleaved({s: (lambda s=s: step(s)) for s in sources}, device, args.repeats)
     extra = {"none": 0, "frozen copy": _bytes(frozen), "cache": cache.resident_bytes, "same weights, no_grad": 0}
-    per_million = {"cache": 1_000_000 * cache.dim * cache._storage.data.element_size()}
+    per_million = {"cache": 1_000_000 * cache.dim * cache.dtype.itemsize}
     rows = []
     for s in sources:
         rows.append({

@@ -63,7 +63,7 @@ import torch
 from torch import nn
 
 import _common as C  # noqa: N812
-from nmtune import NMTuneHead, NMTuneLoss, _kernels
+from nmtune import NMTuneHead, NMTuneLoss
 from nmtune.head import HEAD_PRESETS
 
 DEFAULT_SHAPES = "256x768,256x2048,1024x768"
@@ -106,11 +106,11 @@ def _lower_bound_parts(head: nn.Module, x: torch.Tensor) -> dict[str, Callable[[
     with torch.no_grad():
         z = head(x).features.float()
     rows = z.shape[-2] < z.shape[-1]
-    g = _kernels.gram(z, rows)
+    g = C.gram(z, rows)
 
     def floor() -> None:
         leaf = z.detach().requires_grad_()
-        _kernels.gram(leaf, rows).sum().backward()
+        C.gram(leaf, rows).sum().backward()
 
     return {"floor": floor, "eigvalsh": lambda: torch.linalg.eigvalsh(g)}
 

@@ -37,7 +37,8 @@ _CHUNK_BYTES = 4 << 20
 _SAMPLE_ROWS = 256
 
 
-def _describe(x: Any) -> str:
+def describe(x: Any) -> str:
+    """``x`` for a message: dtype and shape of a tensor or array, else its type."""
     if isinstance(x, Tensor):
         return f"{x.dtype} tensor of shape {tuple(x.shape)}"
     if isinstance(x, np.ndarray):
@@ -114,9 +115,9 @@ def _labels_array(labels: Any, n: int) -> np.ndarray | Tensor:
     if isinstance(labels, Tensor):
         labels = labels.detach().cpu()
     elif not isinstance(labels, np.ndarray):
-        raise TypeError(f"labels must be a torch.Tensor or a NumPy array; got {_describe(labels)}")
+        raise TypeError(f"labels must be a torch.Tensor or a NumPy array; got {describe(labels)}")
     if isinstance(labels, np.ndarray) and labels.dtype.kind not in "biuf":
-        raise TypeError(f"labels must be a numeric array; got {_describe(labels)}")
+        raise TypeError(f"labels must be a numeric array; got {describe(labels)}")
     if labels.ndim < 1 or labels.shape[0] != n:
         raise ValueError(f"features has {n} rows but labels has shape {tuple(labels.shape)}; expected the same N")
     return labels
@@ -132,9 +133,9 @@ class _ArrayRows(_Rows):
 
     def __init__(self, x: np.ndarray, y: Any) -> None:
         if x.dtype.kind != "f":
-            raise TypeError(f"features must be floating-point (N, D) features; got a {_describe(x)}")
+            raise TypeError(f"features must be floating-point (N, D) features; got a {describe(x)}")
         if x.ndim != 2 or x.shape[1] < 1:
-            raise ValueError(f"features must have shape (N, D) with D >= 1; got a {_describe(x)}")
+            raise ValueError(f"features must have shape (N, D) with D >= 1; got a {describe(x)}")
         if x.shape[0] < 1:
             raise ValueError(f"features is empty (got shape {x.shape}); expected at least one row")
         self.x = x
@@ -165,15 +166,15 @@ class _DatasetRows(_Rows):
             raise ValueError("features (a dataset) is empty; expected at least one (features, label) row")
         x0, _ = self._row(0)
         if not x0.is_floating_point():
-            raise TypeError(f"features (a dataset) must yield floating-point feature rows; row 0 is a {_describe(x0)}")
+            raise TypeError(f"features (a dataset) must yield floating-point feature rows; row 0 is a {describe(x0)}")
         if x0.dim() != 1 or x0.shape[0] < 1:
-            raise ValueError(f"features (a dataset) must yield feature rows of shape (D,); row 0 is a {_describe(x0)}")
+            raise ValueError(f"features (a dataset) must yield feature rows of shape (D,); row 0 is a {describe(x0)}")
         self.d, self.dtype = int(x0.shape[0]), x0.dtype
 
     def _row(self, i: int) -> tuple[Tensor, Tensor]:
         row = self.ds[i]
         if not isinstance(row, (tuple, list)) or len(row) != 2:
-            got = f"a {type(row).__name__} of {len(row)}" if isinstance(row, (tuple, list)) else _describe(row)
+            got = f"a {type(row).__name__} of {len(row)}" if isinstance(row, (tuple, list)) else describe(row)
             raise TypeError(f"features (a dataset) must yield (features, label) pairs; row {i} is {got}")
         with warnings.catch_warnings():  # a read-only NumPy row is copied by the stack below, never written
             warnings.simplefilter("ignore", UserWarning)
@@ -184,7 +185,7 @@ class _DatasetRows(_Rows):
         xs = [r[0] for r in rows]
         for i, x in zip(idx.tolist(), xs):
             if x.shape != (self.d,) or x.dtype != self.dtype:
-                raise ValueError(f"features (a dataset) row {i} is a {_describe(x)}; row 0 was a {self.dtype} "
+                raise ValueError(f"features (a dataset) row {i} is a {describe(x)}; row 0 was a {self.dtype} "
                                  f"row of shape ({self.d},): every row must match")
         return torch.stack(xs), torch.stack([r[1] for r in rows])
 
@@ -195,7 +196,7 @@ def rows_of(features: Any, labels: Any) -> _Rows:
         return _ArrayRows(features, labels)
     if labels is not None:
         raise ValueError("features is a dataset of (features, label) rows: its labels come from the rows; "
-                         f"pass labels=None (got {_describe(labels)})")
+                         f"pass labels=None (got {describe(labels)})")
     return _DatasetRows(features)
 
 
@@ -232,9 +233,9 @@ class Scan:
 def check_label_block(y: Tensor, start: int, name: str = "labels", *, num_classes: int | None = None) -> None:
     """Integer class indices in ``[0, num_classes)``; the first offending label is named by its row."""
     if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
-        raise TypeError(f"{name} must be integer class indices of shape (N,); got {_describe(y)}")
+        raise TypeError(f"{name} must be integer class indices of shape (N,); got {describe(y)}")
     if y.dim() != 1:
-        raise ValueError(f"{name} must have shape (N,); got {_describe(y)} rows")
+        raise ValueError(f"{name} must have shape (N,); got {describe(y)}")
     bad = y < 0 if num_classes is None else (y < 0) | (y >= num_classes)
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["check_int", "check_real", "check_bool", "check_choice", "check_tensor", "check_module", "check_device",
-           "check_same_device"]
+__all__ = ["check_int", "check_real", "check_bool", "check_choice", "check_tensor", "check_features", "check_module",
+           "check_device", "check_same_device"]
 
 
 def check_int(name: str, value: object, *, minimum: int | None = None, maximum: int | None = None) -> int:
@@ -73,13 +73,24 @@ def check_bool(name: str, value: object) -> bool:
     return value
 
 
-def check_choice(name: str, value: object, choices: tuple) -> object:
+def check_choice(name: str, value: object, choices: tuple, *, what: str | None = None) -> object:
     """``value`` if it is one of ``choices``, else ``ValueError`` listing them (``TypeError`` for a value
-    of another type than the choices', such as an array, which ``in`` cannot compare)."""
+    of another type than the choices', such as an array, which ``in`` cannot compare).
+
+    ``what`` names the kind of choice, for a message that says so ("unknown preset ...").
+
+    Example:
+        >>> check_choice("name", "paperz", ("none", "paper"), what="preset")
+        Traceback (most recent call last):
+        ...
+        ValueError: unknown preset 'paperz' (name); expected one of ['none', 'paper']
+    """
     kinds = tuple({type(c) for c in choices})
     if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
         raise TypeError(f"{name} must be one of {choices}; got {type(value).__name__} {value!r:.80}")
     if value not in choices:
+        if what is not None:
+            raise ValueError(f"unknown {what} {value!r} ({name}); expected one of {list(choices)}")
         raise ValueError(f"{name} must be one of {choices}; got {value!r}")
     return value
 
@@ -128,6 +139,47 @@ def check_tensor(
         raise ValueError(f"{name} is empty (shape {tuple(value.shape)}); expected at least one value")
     if needs_values and value.is_meta:
         raise ValueError(f"{name} is a meta tensor (a shape without values); this function reads its values")
+    return value
+
+
+def check_features(
+    name: str, value: object, *, min_rows: int = 1, matrix: bool = False, needs_values: bool = False,
+    like: tuple[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """``value`` if it is a batch of feature rows, else an error naming ``name``.
+
+    A floating tensor ``(..., M, D)`` (``matrix``: exactly ``(N, D)``) with ``D >= 1`` and at
+    least ``min_rows`` rows; ``needs_values`` refuses a meta tensor;
+    ``like=(other_name, other)``: of ``other``'s shape, on its device (a pair of feature batches).
+
+    Raises:
+        TypeError: not a floating-point tensor.
+        ValueError: the wrong number of dims or rows, no feature columns, a meta tensor
+            where values are needed, or another shape or device than ``like``'s.
+
+    Example:
+        >>> import torch
+        >>> check_features("z", torch.ones(3, 1, 2), min_rows=2)
+        Traceback (most recent call last):
+        ...
+        ValueError: z has 1 row(s); at least 2 needed (got shape (3, 1, 2))
+    """
+    value = check_tensor(name, value, needs_values=needs_values)
+    shape = tuple(value.shape)
+    if matrix and value.dim() != 2:
+        raise ValueError(f"{name} must have shape (N, D); got shape {shape}")
+    if value.dim() < 2:
+        raise ValueError(f"{name} must have shape (..., M, D) with at least 2 dims; got shape {shape}")
+    if value.shape[-2] < min_rows:
+        raise ValueError(f"{name} has {value.shape[-2]} row(s); at least {min_rows} needed (got shape {shape})")
+    if value.shape[-1] < 1:
+        raise ValueError(f"{name} has no feature columns (got shape {shape})")
+    if like is not None:
+        other_name, other = like
+        if other.shape != value.shape:
+            raise ValueError(f"{other_name} and {name} must have the same shape (..., M, D); got {other_name} "
+                             f"{tuple(other.shape)} and {name} {shape}")
+        check_same_device(**{other_name: other, name: value})
     return value
 
 

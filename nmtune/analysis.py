@@ -3,13 +3,14 @@
 * :func:`feature_spectrum`: singular values (float64, descending) of ``(M, D)`` features;
 * :func:`spectrum_summary`: SVE, LSVR, effective rank and the top singular value's share.
 
-Both take ``normalize_rows``: ``True`` (default) L2-normalises each row first, the
-authors' analysis convention, which makes the numbers independent of the feature
-scale. The formulas are :mod:`nmtune.functional`'s (``singular_values`` and
+Both take ``normalize_rows``: ``False`` (default, as everywhere in nmtune) takes the
+spectrum of the features as they are, the one ``L_SVD`` acts on; ``True`` L2-normalises
+each row first, the authors' analysis convention, which makes the numbers independent of
+each row's scale. The formulas are :mod:`nmtune.functional`'s (``singular_values`` and
 ``spectrum_metrics``); an all-zero matrix gets their convention (SVE 0, LSVR 0).
 
 The study's report code (record summaries, the paper's claims, figures) lives with the
-examples (``examples/_report.py``), not in the library.
+study (``nmtune_study.report``), not in the library.
 """
 
 from __future__ import annotations
@@ -19,17 +20,17 @@ import math
 import torch
 
 from nmtune import functional as NF
-from nmtune._validation import check_tensor
+from nmtune._validation import check_features
 
 __all__ = ["feature_spectrum", "spectrum_summary"]
 
 
-def feature_spectrum(features: torch.Tensor, *, normalize_rows: bool = True) -> torch.Tensor:
+def feature_spectrum(features: torch.Tensor, *, normalize_rows: bool = False) -> torch.Tensor:
     """Singular values (float64, descending, on the CPU) of a feature matrix ``(M, D)``.
 
     Args:
         features: Floating-point ``(M, D)`` tensor with ``M >= 2``.
-        normalize_rows: L2-normalise rows first (the authors' convention).
+        normalize_rows: L2-normalise rows first (the authors' analysis convention).
 
     Raises:
         TypeError: ``features`` is not a floating-point tensor.
@@ -41,15 +42,12 @@ def feature_spectrum(features: torch.Tensor, *, normalize_rows: bool = True) -> 
         >>> [round(v, 3) for v in s.tolist()]
         [1.0, 1.0, 1.0]
     """
-    check_tensor("features", features, needs_values=True)
-    if features.ndim != 2:
-        raise ValueError(f"features must be a floating-point (M, D) tensor, got shape {tuple(features.shape)}")
-    NF.validate_features(features, "features")
+    check_features("features", features, min_rows=2, matrix=True, needs_values=True)
     NF.validate_finite(features, "features", hint="")
     return NF.singular_values(features.detach(), normalize_rows=normalize_rows, check_finite=False).double().cpu()
 
 
-def spectrum_summary(features: torch.Tensor, *, normalize_rows: bool = True) -> dict[str, float]:
+def spectrum_summary(features: torch.Tensor, *, normalize_rows: bool = False) -> dict[str, float]:
     """SVE, LSVR, effective rank and the top singular value share of ``features``.
 
     ``top1_share`` is ``sigma_1 / sum sigma`` = ``exp(-LSVR)``.

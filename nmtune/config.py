@@ -13,11 +13,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
-from nmtune import functional as NF
+from nmtune._deprecation import RenamedAttribute, renamed_keywords
 from nmtune._validation import check_bool, check_choice, check_int, check_real
 from nmtune.distributed import STATISTICS_PATHS
 
@@ -44,6 +43,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 SMALL_BATCH_POLICIES = ("error", "skip")
+#: The values of ``consistency_mode``: the paper's per-sample distance, or the authors' element mean.
+CONSISTENCY_MODES = ("sample", "element")
+#: The values of ``precision``: the dtype of the Gram product and the spectrum.
+PRECISIONS = ("float32", "float64")
 
 #: The 0.1 field names and the names that replace them (accepted with a warning until 0.3).
 RENAMED_FIELDS = {
@@ -54,37 +57,10 @@ RENAMED_FIELDS = {
 }
 
 
-def _deprecated(old: str, new: str, stacklevel: int = 4) -> None:
-    warnings.warn(
-        f"NMTuneConfig.{old} is renamed {new!r}; the old name works until nmtune 0.3",
-        DeprecationWarning,
-        stacklevel=stacklevel,
-    )
-
-
-def _renamed(fields: dict[str, Any]) -> dict[str, Any]:
-    """``fields`` with every 0.1 name replaced by its new one (a ``DeprecationWarning`` each)."""
-    out = dict(fields)
-    for old, new in RENAMED_FIELDS.items():
-        if old in out:
-            _deprecated(old, new)
-            if new in out:
-                raise TypeError(f"NMTuneConfig got both {old!r} (deprecated) and {new!r}; pass only {new!r}")
-            out[new] = out.pop(old)
-    return out
-
-
-class _RenamedField:
-    """Read access under a 0.1 field name, with a ``DeprecationWarning``."""
-
-    def __set_name__(self, owner: type, name: str) -> None:
-        self.old, self.new = name, RENAMED_FIELDS[name]
-
-    def __get__(self, obj: Any, owner: type | None = None) -> Any:
-        if obj is None:
-            return self
-        _deprecated(self.old, self.new, stacklevel=3)
-        return getattr(obj, self.new)
+def _new_names(fields: dict[str, Any]) -> dict[str, Any]:
+    """``fields`` with every 0.1 name replaced by its new one (a ``DeprecationWarning`` each, pointing at
+    the caller of the ``NMTuneConfig`` method that received them)."""
+    return renamed_keywords("NMTuneConfig", fields, RENAMED_FIELDS, stacklevel=3)
 
 
 @dataclass(frozen=True)
@@ -142,17 +118,18 @@ class NMTuneConfig:
     small_batch: str = "error"
     clamp_top_k: bool = False
 
-    mse_weight = _RenamedField()
-    cov_weight = _RenamedField()
-    svd_weight = _RenamedField()
-    consistency = _RenamedField()
+    mse_weight = RenamedAttribute("consistency_weight")
+    cov_weight = RenamedAttribute("covariance_weight")
+    svd_weight = RenamedAttribute("singular_value_weight")
+    consistency = RenamedAttribute("consistency_mode")
+    uses_spectrum = RenamedAttribute("uses_singular_value")
 
     def __post_init__(self) -> None:
         for name in ("lambda_", "consistency_weight", "covariance_weight", "singular_value_weight"):
             object.__setattr__(self, name, check_real(name, getattr(self, name), minimum=0.0))
         check_int("top_k", self.top_k, minimum=1)
-        check_choice("consistency_mode", self.consistency_mode, NF.CONSISTENCY_MODES)
-        NF.validate_precision(self.precision)
+        check_choice("consistency_mode", self.consistency_mode, CONSISTENCY_MODES)
+        check_choice("precision", self.precision, PRECISIONS)
         check_choice("small_batch", self.small_batch, SMALL_BATCH_POLICIES)
         check_choice("distributed_statistics", self.distributed_statistics, STATISTICS_PATHS)
         for name in ("check_finite", "gather_distributed", "equal_local_batches", "clamp_top_k"):
@@ -161,15 +138,12 @@ class NMTuneConfig:
     @classmethod
     def from_preset(cls, name: str = "paper", **overrides: Any) -> NMTuneConfig:
         """A named preset (``"paper"``, ``"official"``, ``"none"``) with overrides."""
-        if not isinstance(name, str):
-            raise TypeError(f"name must be a preset name (str); got {type(name).__name__}")
-        if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r} (name); expected one of {sorted(PRESETS)}")
-        return cls(**{**PRESETS[name], **_renamed(overrides)})
+        check_choice("name", name, tuple(sorted(PRESETS)), what="preset")
+        return cls(**{**PRESETS[name], **_new_names(overrides)})
 
     def replace(self, **changes: Any) -> NMTuneConfig:
         """A copy with ``changes`` applied (and validated)."""
-        return dataclasses.replace(self, **_renamed(changes))
+        return dataclasses.replace(self, **_new_names(changes))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -184,7 +158,7 @@ class NMTuneConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown NMTuneConfig field(s) {unknown}; expected a subset of {sorted(known)}")
-        return cls(**_renamed(data))
+        return cls(**_new_names(data))
 
     @classmethod
     def from_json(cls, text: str) -> NMTuneConfig:
@@ -202,18 +176,13 @@ class NMTuneConfig:
     def uses_singular_value(self) -> bool:
         return self.lambda_ > 0 and self.singular_value_weight > 0
 
-    @property
-    def uses_spectrum(self) -> bool:  # the 0.1 name
-        _deprecated("uses_spectrum", "uses_singular_value", stacklevel=3)
-        return self.uses_singular_value
-
 
 def _accept_renamed_keywords(init: Any) -> Any:
     """The dataclass ``__init__``, taking the 0.1 keyword names too (with a warning)."""
 
     @functools.wraps(init)
     def __init__(self: NMTuneConfig, *args: Any, **kwargs: Any) -> None:
-        init(self, *args, **_renamed(kwargs))
+        init(self, *args, **_new_names(kwargs))
 
     return __init__
 
@@ -226,8 +195,7 @@ def resolve_config(config: NMTuneConfig | str | None, overrides: dict[str, Any],
     if config is None:
         config = "paper"
     if isinstance(config, str):
-        if config not in PRESETS:
-            raise ValueError(f"{name} names an unknown preset {config!r}; expected one of {sorted(PRESETS)}")
+        check_choice(name, config, tuple(sorted(PRESETS)), what="preset")
         return NMTuneConfig.from_preset(config, **overrides)
     if isinstance(config, NMTuneConfig):
         return config.replace(**overrides) if overrides else config

@@ -70,9 +70,9 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def _require_process_group(who: str = "all_gather_rows") -> None:
+def _require_process_group(who: str) -> None:
     if not is_distributed():
-        raise RuntimeError(
+        raise ValueError(
             f"{who} (NMTuneConfig.gather_distributed=True) needs an initialised torch.distributed "
             "process group, and none is initialised. Launch with torchrun or `accelerate launch` and call "
             "torch.distributed.init_process_group(...) (Accelerator() does this) before the first step, "
@@ -157,10 +157,9 @@ def all_gather_rows(x: Tensor, *, group: Any = None, sizes: Sequence[int] | None
         has one rank.
 
     Raises:
-        RuntimeError: ``torch.distributed`` is not initialised.
         TypeError: ``x`` is not a tensor.
-        ValueError: ``x`` has fewer than 2 dims, or the ranks' shapes or
-            ``sizes`` disagree.
+        ValueError: ``torch.distributed`` is not initialised, ``x`` has fewer than
+            2 dims, or the ranks' shapes or ``sizes`` disagree.
 
     Example:
         >>> import torch.distributed as dist
@@ -287,9 +286,9 @@ def all_reduce_moments(
         accepted by :func:`nmtune.functional.nmtune_terms` as ``statistics_of``.
 
     Raises:
-        RuntimeError: ``torch.distributed`` is not initialised.
         TypeError: ``x`` is not a tensor.
-        ValueError: ``x`` has fewer than 2 dims, or the ranks' shapes or ``sizes`` disagree.
+        ValueError: ``torch.distributed`` is not initialised, ``x`` has fewer than 2 dims,
+            or the ranks' shapes or ``sizes`` disagree.
 
     Example:
         >>> import torch.distributed as dist

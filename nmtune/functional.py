@@ -17,7 +17,9 @@ The terms follow Section 3.1 of the paper (Chen et al., ICLR 2024):
   the authors' released code);
 
 and the metrics of Section 2: singular value entropy (SVE), largest singular
-value ratio (LSVR) and effective rank ``exp(SVE)``.
+value ratio (LSVR) and effective rank ``exp(SVE)``. :func:`nmtune_regularizer` is the
+whole regularizer of an :class:`~nmtune.NMTuneConfig`, the function behind
+:class:`~nmtune.NMTuneRegularizer`.
 
 Validation happens here, once, at the public entry points; the
 :mod:`nmtune._kernels` they call assume valid input.
@@ -25,17 +27,20 @@ Validation happens here, once, at the public entry points; the
 
 from __future__ import annotations
 
-import functools
-import warnings
-from typing import Any, Callable, NamedTuple
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
 
 from nmtune import _kernels
-from nmtune._validation import check_choice, check_int, check_same_device, check_tensor
+from nmtune._deprecation import module_getattr
+from nmtune._validation import check_choice, check_features, check_int, check_tensor
+from nmtune.config import CONSISTENCY_MODES, PRECISIONS, NMTuneConfig, resolve_config
 
 __all__ = [
+    "nmtune_regularizer",
     "consistency_loss",
     "covariance_loss",
     "singular_values",
@@ -50,7 +55,6 @@ __all__ = [
 ]
 
 REDUCTIONS = ("mean", "sum", "none")
-CONSISTENCY_MODES = ("sample", "element")
 
 
 # ----------------------------------------------------------------------------
@@ -61,30 +65,10 @@ def _shape(x: Tensor) -> tuple[int, ...]:
     return tuple(x.shape)
 
 
-def validate_features(z: object, name: str = "z", *, min_rows: int = 2) -> Tensor:
-    """Validate a feature stack ``(..., M, D)``; returns it unchanged.
-
-    Raises:
-        TypeError: ``z`` is not a floating-point tensor.
-        ValueError: fewer than two dimensions, fewer than ``min_rows`` rows,
-            or no feature columns.
-    """
-    if not isinstance(z, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape (..., M, D); got {type(z).__name__}")
-    if not z.is_floating_point():
-        raise TypeError(
-            f"{name} must be a floating-point tensor (float16/bfloat16/float32/float64); got dtype {z.dtype}"
-        )
-    if z.dim() < 2:
-        raise ValueError(f"{name} must have shape (..., M, D) with at least 2 dims; got shape {_shape(z)}")
-    if z.shape[-2] < min_rows:
-        raise ValueError(
-            f"{name} has {z.shape[-2]} row(s); the batch statistics need at least {min_rows} "
-            f"(got shape {_shape(z)})"
-        )
-    if z.shape[-1] < 1:
-        raise ValueError(f"{name} has no feature columns (got shape {_shape(z)})")
-    return z
+def result_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype every term and metric is returned in: float32 for half inputs
+    (as PyTorch's own losses under autocast), else the input's (float64 stays float64)."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def validate_finite(
@@ -116,7 +100,7 @@ def validate_finite(
 
 
 def validate_precision(precision: str) -> str:
-    return check_choice("precision", precision, _kernels.PRECISIONS)  # type: ignore[return-value]
+    return check_choice("precision", precision, PRECISIONS)  # type: ignore[return-value]
 
 
 def validate_top_k(top_k: object, z_shape: tuple[int, ...] | torch.Size) -> int:
@@ -134,25 +118,11 @@ def validate_top_k(top_k: object, z_shape: tuple[int, ...] | torch.Size) -> int:
 # functions of the singular values
 
 
-def _normalised_spectrum(sigma: Tensor) -> Tensor:
-    """``p_i = sigma_i / sum_j sigma_j``; an all-zero spectrum maps to ``e_1``.
-
-    The zero matrix has no direction; choosing the point mass ``e_1`` keeps
-    every function of ``p`` finite, in range (SVE = 0, LSVR = 0, ratio = 1)
-    and with zero gradient.
-    """
-    total = sigma.sum(dim=-1, keepdim=True)
-    nonzero = total > 0
-    e1 = torch.zeros_like(sigma)
-    e1[..., 0] = 1.0
-    return torch.where(nonzero, sigma / torch.where(nonzero, total, 1.0), e1)
-
-
 def validate_singular_values(sigma: object) -> Tensor:
     """``sigma`` as singular values ``(..., K)``: floating, ``K >= 1``, finite and non-negative.
 
     The value check costs one host synchronisation (skipped for meta tensors and while
-    ``torch.compile`` traces); the loss path uses the unchecked ``_*_of`` functions.
+    ``torch.compile`` traces); the loss path uses the unchecked ``_kernels.*_of`` functions.
     """
     sigma = check_tensor("sigma", sigma, min_dim=1, nonempty=True)
     if not (torch.compiler.is_compiling() or sigma.is_meta) and not bool(
@@ -162,26 +132,9 @@ def validate_singular_values(sigma: object) -> Tensor:
     return sigma
 
 
-def _svd_loss_of(sigma: Tensor, top_k: int) -> Tensor:
-    p = _normalised_spectrum(sigma)
-    k = min(top_k, sigma.shape[-1])
-    return -p[..., :k].sum(dim=-1) / k
-
-
-def _sve_of(sigma: Tensor) -> Tensor:
-    p = _normalised_spectrum(sigma)
-    positive = p > 0
-    # ``0.0 - x`` rather than ``-x``: a point mass gives +0.0, not -0.0.
-    return 0.0 - torch.where(positive, p * torch.log(torch.where(positive, p, 1.0)), 0.0).sum(dim=-1)
-
-
-def _lsvr_of(sigma: Tensor) -> Tensor:
-    return 0.0 - torch.log(_normalised_spectrum(sigma)[..., 0])  # +0.0 for rank one, not -0.0
-
-
 def _metrics_of(sigma: Tensor) -> dict[str, Tensor]:
-    sve = _sve_of(sigma)
-    return {"sve": sve, "lsvr": _lsvr_of(sigma), "effective_rank": sve.exp()}
+    sve = _kernels.sve_of(sigma)
+    return {"sve": sve, "lsvr": _kernels.lsvr_of(sigma), "effective_rank": sve.exp()}
 
 
 def singular_value_loss_from_singular_values(sigma: Tensor, top_k: int = 1) -> Tensor:
@@ -191,17 +144,17 @@ def singular_value_loss_from_singular_values(sigma: Tensor, top_k: int = 1) -> T
     (allowed by ``clamp_top_k``) the mean runs over those that exist, as in the
     authors' ``torch.mean(s[:5])``.
     """
-    return _svd_loss_of(validate_singular_values(sigma), check_int("top_k", top_k, minimum=1))
+    return _kernels.svd_loss_of(validate_singular_values(sigma), check_int("top_k", top_k, minimum=1))
 
 
 def sve_from_singular_values(sigma: Tensor) -> Tensor:
     """Singular value entropy ``-sum_i p_i log p_i`` (``0 log 0 = 0``)."""
-    return _sve_of(validate_singular_values(sigma))
+    return _kernels.sve_of(validate_singular_values(sigma))
 
 
 def lsvr_from_singular_values(sigma: Tensor) -> Tensor:
     """Largest singular value ratio ``-log(sigma_1 / sum_j sigma_j)``."""
-    return _lsvr_of(validate_singular_values(sigma))
+    return _kernels.lsvr_of(validate_singular_values(sigma))
 
 
 def spectrum_metrics(sigma: Tensor) -> dict[str, Tensor]:
@@ -252,32 +205,13 @@ def consistency_loss(
         >>> round(float(consistency_loss(f * 3.0, f)), 6)  # scale invariant
         0.0
     """
-    validate_features(z, "z", min_rows=1)
-    validate_features(f, "f", min_rows=1)
-    if z.shape != f.shape:
-        raise ValueError(
-            f"z and f must have the same shape (..., M, D); got z {_shape(z)} and f {_shape(f)}"
-        )
-    check_same_device(z=z, f=f)
+    check_features("z", z)
+    check_features("f", f, like=("z", z))
     check_choice("mode", mode, CONSISTENCY_MODES)
     check_choice("reduction", reduction, REDUCTIONS)
     if check_finite:
         validate_finite(z, "z", also=f, also_name="f")
-    return _consistency(z, f, mode, reduction).to(_kernels.result_dtype(z.dtype))
-
-
-def _consistency(z: Tensor, f: Tensor, mode: str, reduction: str = "mean") -> Tensor:
-    """The consistency formula (no validation), in float32 or float64 with autocast off."""
-    with _kernels.autocast_off(z):
-        zc = _kernels.upcast(z, "float32")
-        dist = _kernels.row_distance(zc, _kernels.upcast(f, "float32").to(zc.dtype))  # f detached there
-        if mode == "element":
-            dist = dist / z.shape[-1]
-        if reduction == "mean":
-            dist = dist.mean()
-        elif reduction == "sum":
-            dist = dist.sum()
-    return dist
+    return _kernels.consistency(z, f, mode, reduction).to(result_dtype(z.dtype))
 
 
 def covariance_loss(z: Tensor, *, precision: str = "float32", check_finite: bool = True) -> Tensor:
@@ -301,12 +235,12 @@ def covariance_loss(z: Tensor, *, precision: str = "float32", check_finite: bool
         >>> covariance_loss(z).shape
         torch.Size([])
     """
-    validate_features(z)
+    check_features("z", z, min_rows=2)
     validate_precision(precision)
     if check_finite:
         validate_finite(z)
     cov = nmtune_terms(z, covariance=True, singular_value=False, precision=precision).covariance
-    return cov.to(_kernels.result_dtype(z.dtype))  # type: ignore[union-attr]
+    return cov.to(result_dtype(z.dtype))  # type: ignore[union-attr]
 
 
 def singular_values(
@@ -318,9 +252,11 @@ def singular_values(
 ) -> Tensor:
     """Singular values of ``z`` (uncentred), descending, differentiable.
 
-    Computed as ``sqrt`` of the eigenvalues of the smaller Gram matrix,
-    in float64 by default (a float32 Gram loses singular values below about
-    ``3e-4 sigma_1``).
+    Computed as ``sqrt`` of the eigenvalues of the smaller Gram matrix, in
+    float64 by default. Singular values below ``sqrt(n * eps) * sigma_1``
+    (``n = min(M, D)``, ``eps`` that of the precision) count as zero: about
+    ``8e-8 sigma_1`` in float64 and ``2e-3 sigma_1`` in float32 for a
+    ``32 x 48`` batch.
 
     Args:
         z: Features ``(..., M, D)`` with ``M >= 2``.
@@ -335,14 +271,12 @@ def singular_values(
         >>> singular_values(torch.diag(torch.tensor([3.0, 1.0])))
         tensor([3., 1.])
     """
-    validate_features(z)
+    check_features("z", z, min_rows=2)
     validate_precision(precision)
     if check_finite:
         validate_finite(z)
-    stats = _kernels.spectral_stats(
-        z, precision=precision, covariance=False, normalize_rows=normalize_rows
-    )
-    return stats.singular_values.to(_kernels.result_dtype(z.dtype))  # type: ignore[union-attr]
+    stats = _kernels.spectral_stats(z, precision=precision, covariance=False, normalize_rows=normalize_rows)
+    return stats.singular_values.to(result_dtype(z.dtype))  # type: ignore[union-attr]
 
 
 def singular_value_loss(
@@ -363,13 +297,13 @@ def singular_value_loss(
         >>> float(singular_value_loss(torch.ones(4, 3)))  # rank one
         -1.0
     """
-    validate_features(z)
+    check_features("z", z, min_rows=2)
     validate_top_k(top_k, z.shape)
     validate_precision(precision)
     if check_finite:
         validate_finite(z)
     svd = nmtune_terms(z, covariance=False, singular_value=True, top_k=top_k, precision=precision).singular_value
-    return svd.to(_kernels.result_dtype(z.dtype))  # type: ignore[union-attr]
+    return svd.to(result_dtype(z.dtype))  # type: ignore[union-attr]
 
 
 def _of_spectrum(
@@ -392,7 +326,7 @@ def singular_value_entropy(
         >>> round(float(singular_value_entropy(torch.eye(4))), 4)  # log 4
         1.3863
     """
-    return _of_spectrum(_sve_of, z, precision, normalize_rows, check_finite)
+    return _of_spectrum(_kernels.sve_of, z, precision, normalize_rows, check_finite)
 
 
 def largest_singular_value_ratio(
@@ -408,7 +342,7 @@ def largest_singular_value_ratio(
         >>> float(largest_singular_value_ratio(torch.ones(4, 3)))
         0.0
     """
-    return _of_spectrum(_lsvr_of, z, precision, normalize_rows, check_finite)
+    return _of_spectrum(_kernels.lsvr_of, z, precision, normalize_rows, check_finite)
 
 
 def effective_rank(
@@ -422,7 +356,7 @@ def effective_rank(
         >>> round(float(effective_rank(torch.eye(4))), 4)
         4.0
     """
-    return _of_spectrum(_sve_of, z, precision, normalize_rows, check_finite).exp()
+    return _of_spectrum(_kernels.sve_of, z, precision, normalize_rows, check_finite).exp()
 
 
 # ----------------------------------------------------------------------------
@@ -458,9 +392,8 @@ def nmtune_terms(
     """Every NMTune term and metric from one Gram product and one eigendecomposition.
 
     The one place that turns statistics into terms: :func:`covariance_loss`,
-    :func:`singular_value_loss`, :class:`~nmtune.NMTuneRegularizer` and
-    :func:`~nmtune.evaluate` all come here. Inputs are not validated (the public
-    entry points do that once); results are in the compute dtype.
+    :func:`singular_value_loss` and :func:`nmtune_regularizer` come here. Inputs are
+    not validated (the public entry points do that once); results are in the compute dtype.
 
     Args:
         z: Tuned features ``(..., M, D)``.
@@ -484,7 +417,7 @@ def nmtune_terms(
         ['consistency', 'covariance', 'singular_value', 'sve', 'lsvr']
     """
     zs = z if statistics_of is None else statistics_of
-    mse = _consistency(z, f, consistency_mode) if f is not None else None
+    mse = _kernels.consistency(z, f, consistency_mode) if f is not None else None
     cov = svd = sigma = None
     if covariance or singular_value:
         stats = _kernels.spectral_stats(zs, precision=precision, singular_values=singular_value, covariance=covariance)
@@ -492,32 +425,183 @@ def nmtune_terms(
         if covariance:
             cov = stats.offdiag_energy / zs.shape[-1]  # type: ignore[operator]
         if singular_value:
-            svd = _svd_loss_of(sigma, top_k)  # type: ignore[arg-type]
+            svd = _kernels.svd_loss_of(sigma, top_k)  # type: ignore[arg-type]
     sve = lsvr = None
     if metrics:
         with torch.no_grad():
             if sigma is None:
                 sigma = _kernels.spectral_stats(zs.detach(), precision=precision, covariance=False).singular_values
-            sve = _sve_of(sigma.detach())  # type: ignore[union-attr]
-            lsvr = _lsvr_of(sigma.detach())  # type: ignore[union-attr]
+            sve = _kernels.sve_of(sigma.detach())  # type: ignore[union-attr]
+            lsvr = _kernels.lsvr_of(sigma.detach())  # type: ignore[union-attr]
     return Terms(mse, cov, svd, sve, lsvr)
+
+
+# ----------------------------------------------------------------------------
+# the whole regularizer
+
+
+@dataclass(frozen=True)
+class LossComponents:
+    """One step's loss terms, for logging.
+
+    ``loss`` is the differentiable total; every other field is a detached
+    0-dim tensor (no host sync: call ``.item()`` only when you log).
+    Unweighted terms are reported (``consistency`` is ``L_MSE`` before
+    ``lambda_ * consistency_weight``); disabled terms are zero. ``skipped`` is 1 when
+    the batch was too small for the regularizers and ``small_batch="skip"``
+    skipped them (every term, SVE and LSVR are then 0), else 0: summing it
+    over steps counts the skipped batches without a host sync.
+    """
+
+    loss: Tensor
+    task: Tensor
+    regularizer: Tensor
+    consistency: Tensor
+    covariance: Tensor
+    singular_value: Tensor
+    sve: Tensor
+    lsvr: Tensor
+    skipped: Tensor
+
+    def as_dict(self) -> dict[str, Tensor]:
+        """The detached fields by name (``loss`` detached too)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["loss"] = out["loss"].detach()
+        return out
+
+
+def nmtune_regularizer(
+    z: Tensor,
+    f: Tensor | None = None,
+    config: NMTuneConfig | str | None = None,
+    *,
+    views: int = 1,
+    return_components: bool = False,
+) -> Tensor | LossComponents:
+    """The NMTune regularizers of ``config``: ``lambda_ * (w_c L_MSE + w_v L_COV + w_s L_SVD)``.
+
+    The function behind :class:`~nmtune.NMTuneRegularizer`: the same checks, statistics and
+    result for the rows it is given (the module also gathers the global batch under
+    ``gather_distributed``; this function reads no process group).
+
+    Args:
+        z: Tuned features ``(..., M, D)``.
+        f: Frozen reference features of the same shape; required when the
+            consistency term is enabled.
+        config: An :class:`~nmtune.NMTuneConfig` or a preset name (default ``"paper"``).
+        views: ``1`` or ``2`` (``z`` and ``f`` are ``cat([weak, strong])``; ``L_MSE``
+            pairs the strong view's ``Z`` with the weak view's ``F``), as for
+            :meth:`NMTuneRegularizer.forward <nmtune.NMTuneRegularizer.forward>`.
+        return_components: Return a :class:`LossComponents` (``task`` zero) instead of the scalar.
+
+    Returns:
+        The regularizer, a scalar in ``z``'s dtype (float32 for half-precision ``z``), or
+        its :class:`LossComponents`.
+
+    Example:
+        >>> from nmtune import NMTuneRegularizer
+        >>> f = torch.randn(64, 32)
+        >>> z = (f + 0.1 * torch.randn(64, 32)).requires_grad_()
+        >>> torch.equal(nmtune_regularizer(z, f), NMTuneRegularizer()(z, f))  # the "paper" preset
+        True
+        >>> parts = nmtune_regularizer(z, f, "official", views=2, return_components=True)
+        >>> parts.loss.backward()
+        >>> float(parts.skipped), parts.sve > 0
+        (0.0, tensor(True))
+    """
+    cfg = resolve_config(config, {})
+    check_regularizer_inputs(z, f, cfg, views=views)
+    return weighted_regularizer(z, f, cfg, views=views, return_components=return_components)
+
+
+def check_regularizer_inputs(z: object, f: object, config: NMTuneConfig, *, views: int = 1) -> None:
+    """What :func:`nmtune_regularizer` checks before any statistic: ``views``, and ``z`` (with ``f``
+    when ``config`` has a consistency term) as feature batches of one shape on one device.
+
+    :class:`~nmtune.NMTuneRegularizer` calls it before gathering the global batch, whose rows
+    :func:`weighted_regularizer` then counts.
+    """
+    check_choice("views", views, (1, 2))
+    check_features("z", z)
+    if not config.uses_consistency:
+        return
+    if f is None:
+        raise ValueError(
+            "the consistency term needs the reference features f (got None); pass f or set consistency_weight=0"
+        )
+    check_features("f", f, like=("z", z))  # type: ignore[arg-type]
+
+
+def weighted_regularizer(
+    z: Tensor,
+    f: Tensor | None,
+    config: NMTuneConfig,
+    *,
+    views: int = 1,
+    statistics_of: Tensor | _kernels.Moments | None = None,
+    return_components: bool = False,
+) -> Tensor | LossComponents:
+    """:func:`nmtune_regularizer` after :func:`check_regularizer_inputs`: the checks that need the
+    statistics' rows (enough of them, ``top_k``, finite values), the terms, their weighted sum."""
+    zs = z if statistics_of is None else statistics_of
+    out_dtype = result_dtype(z.dtype)
+    if zs.shape[-2] < 2:
+        if config.small_batch == "skip":
+            return _skipped(z, out_dtype, return_components)
+        raise _too_few_rows(zs, z)
+    if config.uses_singular_value and not config.clamp_top_k:
+        validate_top_k(config.top_k, zs.shape)
+    if config.check_finite:  # one host sync for both tensors
+        validate_finite(z, "z", also=f if config.uses_consistency else None, also_name="f")
+    zc, fc = _paired_views(z, f, views) if config.uses_consistency else (z, None)
+    terms = nmtune_terms(
+        zc, fc, covariance=config.uses_covariance, singular_value=config.uses_singular_value, metrics=return_components,
+        top_k=config.top_k, consistency_mode=config.consistency_mode, precision=config.precision, statistics_of=zs,
+    )
+    weights = (config.consistency_weight, config.covariance_weight, config.singular_value_weight)
+    weighted = [w * t.mean() for w, t in zip(weights, terms[:3]) if t is not None]
+    # With every term off, a zero that keeps each parameter behind z in the graph (DDP).
+    reg = (config.lambda_ * sum(weighted[1:], weighted[0]) if weighted else z.sum() * 0).to(out_dtype)
+    if not return_components:
+        return reg
+    zero = z.new_zeros((), dtype=out_dtype)
+    mse, cov, svd, sve, lsvr = (zero if t is None else t.detach().mean().to(out_dtype) for t in terms)
+    return LossComponents(loss=reg, task=zero, regularizer=reg.detach(), consistency=mse, covariance=cov,
+                          singular_value=svd, sve=sve, lsvr=lsvr, skipped=zero)
+
+
+def _skipped(z: Tensor, out_dtype: torch.dtype, return_components: bool) -> Tensor | LossComponents:
+    """A batch too small for the statistics under ``small_batch="skip"``."""
+    reg = (z.sum() * 0).to(out_dtype)  # keeps z's parameters in the graph (DDP)
+    if not return_components:
+        return reg
+    zero = z.new_zeros((), dtype=out_dtype)
+    return LossComponents(loss=reg, task=zero, regularizer=zero, consistency=zero, covariance=zero,
+                          singular_value=zero, sve=zero, lsvr=zero, skipped=torch.ones_like(zero))
+
+
+def _too_few_rows(zs: Tensor | _kernels.Moments, z: Tensor) -> ValueError:
+    """The error for fewer than 2 rows: of ``z``, or of the global batch its statistics come from."""
+    where = "z" if zs is z else "the global batch of z"
+    return ValueError(f"{where} has {zs.shape[-2]} row(s); the batch statistics need at least 2 "
+                      f"(got shape {_shape(z)}{'' if zs is z else f', global shape {tuple(zs.shape)}'})")
+
+
+def _paired_views(z: Tensor, f: Tensor | None, views: int) -> tuple[Tensor, Tensor | None]:
+    """The rows the consistency term compares: all of them, or (two views) strong ``Z`` with weak ``F``."""
+    if views == 1:
+        return z, f
+    m = z.shape[-2]
+    if m % 2:
+        raise ValueError(f"views=2 needs cat([weak, strong]) with an even number of rows; got z {_shape(z)}")
+    return z[..., m // 2 :, :], f[..., : m // 2, :]  # type: ignore[index]
 
 
 # ----------------------------------------------------------------------------
 # the 0.1 names (until 0.3)
 
-
-def _renamed(new: Callable[..., Tensor], old: str) -> Callable[..., Tensor]:
-    @functools.wraps(new)
-    def alias(*args: Any, **kwargs: Any) -> Tensor:
-        warnings.warn(f"nmtune.functional.{old} is renamed {new.__name__}; the old name works until nmtune 0.3",
-                      DeprecationWarning, stacklevel=2)
-        return new(*args, **kwargs)
-
-    alias.__name__ = alias.__qualname__ = old
-    return alias
-
-
-singular_value_ratio_loss = _renamed(singular_value_loss, "singular_value_ratio_loss")
-ratio_from_singular_values = _renamed(singular_value_loss_from_singular_values, "ratio_from_singular_values")
-entropy_from_singular_values = _renamed(sve_from_singular_values, "entropy_from_singular_values")
+__getattr__ = module_getattr(__name__, globals(), {
+    "singular_value_ratio_loss": "singular_value_loss",
+    "ratio_from_singular_values": "singular_value_loss_from_singular_values",
+    "entropy_from_singular_values": "sve_from_singular_values",
+})

@@ -119,10 +119,7 @@ class NMTuneHead(nn.Module):
     @classmethod
     def from_preset(cls, name: str, in_features: int, num_classes: int, **overrides: Any) -> NMTuneHead:
         """A head from a named preset: ``"paper"``, ``"official"`` or ``"linear"``."""
-        if not isinstance(name, str):
-            raise TypeError(f"name must be a head preset name (str); got {type(name).__name__}")
-        if name not in HEAD_PRESETS:
-            raise ValueError(f"unknown head preset {name!r} (name); expected one of {sorted(HEAD_PRESETS)}")
+        check_choice("name", name, tuple(sorted(HEAD_PRESETS)), what="head preset")
         kwargs = dict(HEAD_PRESETS[name])
         kwargs.update(overrides)
         multiplier = kwargs.pop("hidden_multiplier")

@@ -1,63 +1,37 @@
-"""``NMTuneLoss`` and ``NMTuneRegularizer``: thin modules over :mod:`nmtune.functional`.
+"""``NMTuneLoss`` and ``NMTuneRegularizer``: thin modules over :func:`nmtune.functional.nmtune_regularizer`.
 
 ``L = task_loss(logits, y) + lambda_ * (w_consistency L_MSE + w_covariance L_COV + w_singular_value L_SVD)``
 
-The modules validate once, ask :mod:`nmtune._kernels` for one spectrum and
-one covariance statistic per step (shared by ``L_SVD``, ``L_COV``, SVE and
-LSVR) and never synchronise with the host on the training path (the optional
-NaN/Inf check aside).
+The regularizer's forward checks its inputs, takes the rows for the batch statistics
+(the global batch under ``gather_distributed``) and makes one functional call, which
+asks :mod:`nmtune._kernels` for one spectrum and one covariance statistic per step
+(shared by ``L_SVD``, ``L_COV``, SVE and LSVR) and never synchronises with the host on
+the training path (the optional NaN/Inf check aside).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from typing import Any, Callable, cast
 
 import torch
 from torch import Tensor, nn
 
-from nmtune import _kernels
 from nmtune import functional as NF
-from nmtune._validation import check_choice
+from nmtune._validation import check_same_device
 from nmtune.config import PRESETS, NMTuneConfig, resolve_config
+from nmtune.distributed import global_statistics
+from nmtune.functional import LossComponents
 
 __all__ = ["NMTuneConfig", "NMTuneRegularizer", "NMTuneLoss", "LossComponents", "PRESETS"]  # config re-exported
-
-@dataclass(frozen=True)
-class LossComponents:
-    """One step's loss terms, for logging.
-
-    ``loss`` is the differentiable total; every other field is a detached
-    0-dim tensor (no host sync: call ``.item()`` only when you log).
-    Unweighted terms are reported (``consistency`` is ``L_MSE`` before
-    ``lambda_ * consistency_weight``); disabled terms are zero. ``skipped`` is 1 when
-    the batch was too small for the regularizers and ``small_batch="skip"``
-    skipped them (every term, SVE and LSVR are then 0), else 0: summing it
-    over steps counts the skipped batches without a host sync.
-    """
-
-    loss: Tensor
-    task: Tensor
-    regularizer: Tensor
-    consistency: Tensor
-    covariance: Tensor
-    singular_value: Tensor
-    sve: Tensor
-    lsvr: Tensor
-    skipped: Tensor
-
-    def as_dict(self) -> dict[str, Tensor]:
-        """The detached fields by name (``loss`` detached too)."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        out["loss"] = out["loss"].detach()
-        return out
 
 
 class NMTuneRegularizer(nn.Module):
     """The NMTune regularizers alone, for a loop with its own task loss.
 
-    ``lambda_ * (consistency_weight L_MSE + covariance_weight L_COV + singular_value_weight L_SVD)``
+    ``lambda_ * (consistency_weight L_MSE + covariance_weight L_COV + singular_value_weight L_SVD)``,
+    the module form of :func:`nmtune.functional.nmtune_regularizer` that also gathers the global
+    batch under ``gather_distributed``.
 
     Args:
         config: An :class:`NMTuneConfig` or a preset name (default ``"paper"``).
@@ -95,123 +69,15 @@ class NMTuneRegularizer(nn.Module):
                 ``task`` zero) instead of the scalar.
         """
         cfg = self.config
-        check_choice("views", views, (1, 2))
-        _check_features(cfg, z, f)
-        zs = _statistics_rows(cfg, z)
-        if zs.shape[-2] < 2:
-            if cfg.small_batch == "skip":
-                return _skipped(z, return_components)
-            _raise_too_few_rows(zs, z)
-        if cfg.uses_singular_value and not cfg.clamp_top_k:
-            NF.validate_top_k(cfg.top_k, zs.shape)
-        if cfg.check_finite:  # one host sync for both tensors
-            NF.validate_finite(z, "z", also=f if cfg.uses_consistency else None, also_name="f")
-        terms = NF.nmtune_terms(
-            *_paired_views(z, f, views) if cfg.uses_consistency else (z, None),  # type: ignore[arg-type]
-            covariance=cfg.uses_covariance, singular_value=cfg.uses_singular_value, metrics=return_components,
-            top_k=cfg.top_k, consistency_mode=cfg.consistency_mode, precision=cfg.precision, statistics_of=zs,
-        )
-        return _weighted(cfg, z, terms, return_components)
+        NF.check_regularizer_inputs(z, f, cfg, views=views)
+        rows = global_statistics(z, statistics=cfg.distributed_statistics, precision=cfg.precision,
+                                 equal_local_batches=cfg.equal_local_batches) if _gathers(cfg) else z
+        return NF.weighted_regularizer(z, f, cfg, views=views, statistics_of=rows, return_components=return_components)
 
 
 def _gathers(cfg: NMTuneConfig) -> bool:
+    """Whether the covariance and spectrum come from the global batch (``gather_distributed``, a term that needs it)."""
     return cfg.gather_distributed and (cfg.uses_covariance or cfg.uses_singular_value)
-
-
-def _check_features(cfg: NMTuneConfig, z: object, f: object) -> None:
-    """``z`` (and ``f`` when the consistency term is on) are valid, paired feature batches."""
-    # Under "skip" (or a gather, where the global batch decides) one local row is not an error here.
-    NF.validate_features(z, "z", min_rows=1 if cfg.small_batch == "skip" or _gathers(cfg) else 2)
-    if not cfg.uses_consistency:
-        return
-    if f is None:
-        raise ValueError(
-            "the consistency term needs the reference features f (got None); pass f or set consistency_weight=0"
-        )
-    NF.validate_features(f, "f", min_rows=1)
-    z, f = cast(Tensor, z), cast(Tensor, f)
-    if f.shape != z.shape:
-        raise ValueError(f"z and f must have the same shape; got z {tuple(z.shape)} and f {tuple(f.shape)}")
-    _same_device(z=z, f=f)
-
-
-def _statistics_rows(cfg: NMTuneConfig, z: Tensor) -> Tensor | _kernels.Moments:
-    """What the covariance and spectrum are taken from: ``z``, or under ``gather_distributed`` the
-    global batch's rows (gathered) or its mean and ``D x D`` scatter (all-reduced), per
-    ``cfg.distributed_statistics``."""
-    if not _gathers(cfg):
-        return z
-    from nmtune.distributed import global_statistics, is_distributed
-
-    if not is_distributed():
-        raise ValueError(
-            "gather_distributed=True needs an initialised torch.distributed process group "
-            "(torchrun + dist.init_process_group, or Accelerate); none is initialised"
-        )
-    return global_statistics(z, statistics=cfg.distributed_statistics, precision=cfg.precision,
-                             equal_local_batches=cfg.equal_local_batches)
-
-
-def _raise_too_few_rows(zs: Tensor | _kernels.Moments, z: Tensor) -> None:
-    """Raise the ``ValueError`` for fewer than 2 rows (local, or global under ``gather_distributed``)."""
-    if isinstance(zs, Tensor):
-        NF.validate_features(zs, "z" if zs is z else "the gathered global batch of z")
-    raise ValueError(
-        f"the global batch of z has {zs.shape[-2]} row(s) across ranks; the batch statistics need at least 2 "
-        f"(global shape {tuple(zs.shape)})"
-    )
-
-
-def _weighted(cfg: NMTuneConfig, z: Tensor, terms: NF.Terms, return_components: bool) -> Tensor | LossComponents:
-    """``lambda_ * sum_t w_t mean(L_t)``, or the :class:`LossComponents` around it."""
-    mse, cov, svd = terms.consistency, terms.covariance, terms.singular_value
-    pairs = ((cfg.consistency_weight, mse), (cfg.covariance_weight, cov), (cfg.singular_value_weight, svd))
-    weighted = [w * t.mean() for w, t in pairs if t is not None]
-    out_dtype = _kernels.result_dtype(z.dtype)  # float32 for half inputs: a half sum overflows
-    # With every term off, a zero that keeps each parameter behind z in the graph (DDP).
-    reg = (cfg.lambda_ * sum(weighted[1:], weighted[0])) if weighted else z.sum() * 0
-    reg = reg.to(out_dtype)
-    if not return_components:
-        return reg
-    zero = z.new_zeros((), dtype=out_dtype)
-
-    def detached(t: Tensor | None) -> Tensor:
-        return zero if t is None else t.detach().mean().to(out_dtype)
-
-    return LossComponents(
-        loss=reg, task=zero, regularizer=reg.detach(), consistency=detached(mse), covariance=detached(cov),
-        singular_value=detached(svd), sve=detached(terms.sve), lsvr=detached(terms.lsvr), skipped=zero,
-    )
-
-
-def _skipped(z: Tensor, return_components: bool) -> Tensor | LossComponents:
-    """A batch too small for the statistics under ``small_batch="skip"``."""
-    reg = (z.sum() * 0).to(_kernels.result_dtype(z.dtype))  # keeps z's parameters in the graph (DDP)
-    if not return_components:
-        return reg
-    zero = z.new_zeros((), dtype=reg.dtype)
-    return LossComponents(
-        loss=reg, task=zero, regularizer=zero, consistency=zero, covariance=zero,
-        singular_value=zero, sve=zero, lsvr=zero, skipped=torch.ones_like(zero),
-    )
-
-
-def _paired_views(z: Tensor, f: Tensor, views: int) -> tuple[Tensor, Tensor]:
-    """The rows the consistency term compares: all of them, or (two views) strong ``Z`` with weak ``F``."""
-    if views == 1:
-        return z, f
-    m = z.shape[-2]
-    if m % 2:
-        raise ValueError(f"views=2 needs cat([weak, strong]) with an even number of rows; got z {tuple(z.shape)}")
-    return z[..., m // 2 :, :], f[..., : m // 2, :]
-
-
-def _same_device(**tensors: Tensor) -> None:
-    """One device for every tensor, or a ``ValueError`` naming where each one is."""
-    devices = {name: t.device for name, t in tensors.items() if isinstance(t, Tensor)}
-    if len(set(devices.values())) > 1:
-        where = ", ".join(f"{name} on {dev}" for name, dev in devices.items())
-        raise ValueError(f"every tensor must be on one device; got {where}")
 
 
 def _check_task_inputs(logits: object, target: object, z: Tensor, *, uses_default_loss: bool) -> None:
@@ -226,7 +92,7 @@ def _check_task_inputs(logits: object, target: object, z: Tensor, *, uses_defaul
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
     logits, target = cast(Tensor, logits), cast(Tensor, target)
-    _same_device(logits=logits, target=target, z=z)
+    check_same_device(logits=logits, target=target, z=z)
     if z.dim() == 2 and logits.dim() >= 1 and logits.shape[0] != z.shape[0]:
         raise ValueError(
             f"logits has {logits.shape[0]} row(s) but z has {z.shape[0]}; expected one row of logits per row of z "
@@ -321,7 +187,7 @@ class NMTuneLoss(nn.Module):
         """
         _check_task_inputs(logits, target, z, uses_default_loss=self._default_task_loss)
         if f is not None:
-            _same_device(logits=logits, z=z, f=f)
+            check_same_device(logits=logits, z=z, f=f)
         task = self.task_loss(logits, target)
         if not isinstance(task, Tensor) or task.dim() != 0:
             shape = tuple(task.shape) if isinstance(task, Tensor) else type(task).__name__

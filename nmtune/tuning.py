@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from nmtune import _rows
 from nmtune import functional as NF
 from nmtune._rows import _Rows, _TensorRows
-from nmtune._validation import check_choice, check_int, check_real, check_tensor
+from nmtune._validation import check_choice, check_features, check_int, check_real, check_tensor
 from nmtune.head import HEAD_PRESETS, NMTuneHead
 from nmtune.config import NMTuneConfig, resolve_config
 from nmtune.loss import NMTuneLoss
@@ -136,36 +136,17 @@ def _as_tensor(x: Any, name: str) -> Tensor:
     raise TypeError(f"{name} must be a torch.Tensor or a NumPy array; got {type(x).__name__}")
 
 
-def _describe(x: Tensor) -> str:
-    return f"{x.dtype} tensor of shape {tuple(x.shape)}"
-
-
-def _check_features(features: Any, name: str = "features") -> Tensor:
+def _feature_matrix(features: Any, name: str = "features") -> Tensor:
     """Features ``(N, D)`` of any floating dtype (NumPy arrays accepted); returns the tensor."""
-    features = _as_tensor(features, name)
-    if not features.is_floating_point():
-        raise TypeError(f"{name} must be floating-point (N, D) features; got {_describe(features)}")
-    if features.dim() != 2 or features.shape[1] < 1:
-        raise ValueError(f"{name} must have shape (N, D) with D >= 1; got {_describe(features)}")
-    if features.shape[0] < 1:
-        raise ValueError(f"{name} is empty (got shape {tuple(features.shape)}); expected at least one row")
-    return check_tensor(name, features, needs_values=True)
+    return check_features(name, _as_tensor(features, name), matrix=True, needs_values=True)
 
 
-def _check_labels(labels: Any, n: int, name: str = "labels", *, num_classes: int | None = None) -> Tensor:
-    """Integer class indices ``(N,)`` in ``[0, num_classes)``; the first offending label is named."""
+def _check_labels(labels: Any, n: int, name: str = "labels") -> Tensor:
+    """Integer class indices ``(N,)``, ``>= 0``; the first offending label is named."""
     labels = check_tensor(name, _as_tensor(labels, name), kind="any", needs_values=True)
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise TypeError(f"{name} must be integer class indices of shape (N,); got {_describe(labels)}")
-    if labels.dim() != 1:
-        raise ValueError(f"{name} must have shape (N,); got {_describe(labels)}")
+    _rows.check_label_block(labels, 0, name)
     if labels.shape[0] != n:
         raise ValueError(f"features has {n} rows but {name} has {labels.shape[0]}; expected the same N")
-    bad = labels < 0 if num_classes is None else (labels < 0) | (labels >= num_classes)
-    if bool(bad.any()):
-        i = int(bad.nonzero()[0, 0])
-        want = "be class indices >= 0" if num_classes is None else f"lie in [0, num_classes={num_classes})"
-        raise ValueError(f"{name} must {want}; got {int(labels[i])} at index {i}")
     return labels
 
 
@@ -173,7 +154,7 @@ def _check_targets(targets: Any, n: int) -> Tensor:
     targets = check_tensor("labels", _as_tensor(targets, "labels"), kind="any", needs_values=True)
     if targets.dim() < 1 or targets.shape[0] != n:
         raise ValueError(f"labels (the targets of task_loss) must have one row per sample ({n}, ...); got "
-                         f"{_describe(targets)}")
+                         f"{_rows.describe(targets)}")
     return targets
 
 
@@ -428,7 +409,7 @@ def _fit_inputs(
         top = found.max_label
         digests = (found.features_digest, found.labels_digest)
     else:
-        features = _check_features(features)
+        features = _feature_matrix(features)
         n = features.shape[0]
         if n < 2:
             raise ValueError(f"features needs at least 2 rows to train; got shape {tuple(features.shape)}")
@@ -556,7 +537,7 @@ def _macro_f1(pred: Tensor, target: Tensor, num_classes: int) -> float:
     return counts.macro_f1()
 
 
-class _GramSpectrum:
+class _StreamedSpectrum:
     """Singular values of the stacked rows ``Z`` from ``Z^T Z`` accumulated in float64 (``D x D``):
     the spectrum of a set too large to hold, one batch at a time."""
 
@@ -618,7 +599,7 @@ def evaluate(
     if _rows.is_streamed(features):
         rows: _Rows = _rows.rows_of(features, labels)
     else:
-        x = _check_features(features)
+        x = _feature_matrix(features)
         y = _check_labels(labels, x.shape[0])
         NF.validate_finite(x, "features", hint=hint)
         rows = _TensorRows(x, y)
@@ -639,7 +620,7 @@ def evaluate(
                 counts = _Counts(c, param.device)
                 # a streamed set (or a single row, which has no Gram of rows) accumulates Z^T Z
                 gram = rows.streamed or rows.n < 2
-                spectrum = _GramSpectrum(z.shape[-1], param.device, normalize_rows) if gram else None
+                spectrum = _StreamedSpectrum(z.shape[-1], param.device, normalize_rows) if gram else None
             counts.update(logits.argmax(dim=-1), yb.to(param.device, torch.long))
             if spectrum is not None:
                 spectrum.update(z)
@@ -753,13 +734,13 @@ def _extract_batch(model: nn.Module, batch: Any, device: str | torch.device,
     inputs = inputs.to(device) if isinstance(inputs, Tensor) else inputs
     out = forward(model, inputs) if forward is not None else model(inputs)
     if not isinstance(out, Tensor) or not out.is_floating_point():
-        got = _describe(out) if isinstance(out, Tensor) else type(out).__name__
+        got = _rows.describe(out)
         raise TypeError(f"the backbone (or forward=) must return a floating tensor of features; got {got}; "
                         "pass forward=lambda model, x: model(x).pooler_output (say) to pick one")
     if out.dim() > 2:
         out = out.flatten(1)
     if out.dim() != 2 or out.is_meta:
-        raise ValueError(f"the backbone (or forward=) must return (B, D) features with values; got {_describe(out)}"
+        raise ValueError(f"the backbone (or forward=) must return (B, D) features with values; got {_rows.describe(out)}"
                          f"{' on the meta device' if out.is_meta else ''}")
     out = out.float().cpu()  # the copy to the host syncs anyway: checking it is free
     NF.validate_finite(out, "the features the backbone (or forward=) returned",
@@ -770,10 +751,10 @@ def _extract_batch(model: nn.Module, batch: Any, device: str | torch.device,
         raise TypeError(f"the loader's labels must be a tensor or a sequence of numbers; got {type(target).__name__}"
                         ) from err
     if y.is_complex() or y.is_meta:
-        raise TypeError(f"the loader's labels must be real class indices with values; got {_describe(y)}")
+        raise TypeError(f"the loader's labels must be real class indices with values; got {_rows.describe(y)}")
     if y.dim() != 1 or y.shape[0] != out.shape[0]:
         raise ValueError(f"the loader's labels must be one per row, (B,) = ({out.shape[0]},) for features "
-                         f"{tuple(out.shape)}; got {_describe(y)}")
+                         f"{tuple(out.shape)}; got {_rows.describe(y)}")
     return out, y.long().cpu()
 
 

@@ -16,12 +16,12 @@ def test_spectrum_summary_matches_numpy_reference():
     x = torch.randn(40, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     s = np.linalg.svd((x / x.norm(dim=1, keepdim=True)).numpy(), compute_uv=False)
     p = s / s.sum()
-    got = A.spectrum_summary(x)
+    got = A.spectrum_summary(x, normalize_rows=True)
     assert got["sve"] == pytest.approx(float(-(p * np.log(p)).sum()), rel=1e-6)
     assert got["lsvr"] == pytest.approx(float(-np.log(p[0])), rel=1e-6)
     assert got["effective_rank"] == pytest.approx(math.exp(got["sve"]))
     assert got["top1_share"] == pytest.approx(float(p[0]), rel=1e-6)
-    raw = A.feature_spectrum(x, normalize_rows=False)
+    raw = A.feature_spectrum(x)  # the default: the rows as they are, as L_SVD sees them
     assert np.allclose(raw.numpy(), np.linalg.svd(x.numpy(), compute_uv=False), rtol=1e-6)
 
 

@@ -399,6 +399,27 @@ def test_nmtune_regularizer(z, f, same, views, preset, components):
 
 
 @PROFILE
+@given(z=arrays(), f=st.one_of(arrays(), st.none()), same=st.booleans(), views=st.one_of(st.sampled_from([1, 2]), ints()),
+       config=st.one_of(st.sampled_from(["paper", "official", "none", None]), JUNK), components=st.booleans())
+def test_nmtune_regularizer_function(z, f, same, views, config, components):
+    if same and isinstance(z, Tensor) and isinstance(f, Tensor):
+        f = make(tuple(z.shape), f.dtype if f.is_floating_point() else z.dtype, f.device.type, "normal", 1)
+    out = call(NF.nmtune_regularizer, ("z", "f", "views", "config"), z, f, config, views=views,
+               return_components=components)
+    if out is REFUSED:
+        return
+    assert valid_features(z, 1) and finite_values(z)
+    assert isinstance(config, str) or config is None
+    dtype = result_dtype(z.dtype)
+    for value in (out.as_dict().values() if components else [out]):
+        check_tensor(value, (), dtype)
+    module = NMTuneRegularizer(config)(z, f, views=views, return_components=components)  # the same function
+    for got, want in zip(out.as_dict().values() if components else [out],
+                         module.as_dict().values() if components else [module]):
+        assert got.is_meta or torch.equal(got, want)
+
+
+@PROFILE
 @given(logits=arrays(), target=arrays(dtypes=INTS + FLOATS), z=arrays(), f=st.one_of(arrays(), st.none()),
        aligned=st.booleans(), preset=st.sampled_from(["paper", "official", "none"]))
 def test_nmtune_loss(logits, target, z, f, aligned, preset):
@@ -756,6 +777,7 @@ CONTRACTS: dict[str, Callable[..., Any]] = {
     "nmtune.ReferenceCache": test_reference_cache,
     **{f"nmtune.functional.{n}": test_spectral_metrics for n in SPECTRAL},
     **{f"nmtune.functional.{n}": test_functions_of_singular_values for n in SIGMA_FUNCTIONS},
+    "nmtune.functional.nmtune_regularizer": test_nmtune_regularizer_function,
     "nmtune.functional.consistency_loss": test_consistency_loss,
     "nmtune.functional.covariance_loss": test_covariance_loss,
     "nmtune.functional.singular_values": test_singular_values,

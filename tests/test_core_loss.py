@@ -191,6 +191,6 @@ def test_old_function_names_still_work_with_a_deprecation_warning(old: str, new:
 
     z = torch.randn(12, 6, generator=torch.Generator().manual_seed(0))
     arg = z if "loss" in new and "from" not in new else NF.singular_values(z)
-    with pytest.warns(DeprecationWarning, match=f"{old} is renamed {new}"):
+    with pytest.warns(DeprecationWarning, match=f"functional.{old} is renamed '{new}'"):
         got = getattr(NF, old)(arg)
     torch.testing.assert_close(got, getattr(NF, new)(arg))

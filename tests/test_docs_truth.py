@@ -258,6 +258,21 @@ def test_resolution_cut_offs_quoted_in_the_docs() -> None:
     assert "3·10⁻⁴ σ₁" not in _outside_blocks(readme)
 
 
+def test_resolution_cut_offs_quoted_in_the_docstrings() -> None:
+    """The docstrings of ``_kernels`` and ``singular_values`` quote the cut-off the code applies, n = 32."""
+    import nmtune._kernels as K
+
+    eps32, eps64 = torch.finfo(torch.float32).eps, torch.finfo(torch.float64).eps
+    quoted = {"8e-8 sigma_1": math.sqrt(32 * eps64), "2e-3 sigma_1": math.sqrt(32 * eps32)}
+    for doc in (K.__doc__, singular_values.__doc__):
+        text = " ".join((doc or "").split())
+        assert "sqrt(n * eps) * sigma_1" in text and "3e-4" not in text
+        for phrase, value in quoted.items():
+            assert phrase in text, phrase
+            assert abs(float(phrase.split()[0]) / value - 1) < 0.1, (phrase, value)
+    assert "``5.5e-3 sigma_1`` at ``n = 256``" in " ".join((K.__doc__ or "").split())  # sqrt(256 eps_32)
+
+
 @pytest.mark.parametrize("precision, dtype", [("float32", torch.float32), ("float64", torch.float64)])
 def test_singular_values_below_the_cut_off_are_zero(precision: str, dtype: torch.dtype) -> None:
     """The spectrum resolves sigma_k down to sqrt(n eps) sigma_1 of the compute dtype, not further."""

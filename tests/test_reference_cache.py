@@ -324,7 +324,7 @@ def _writer(tmp_path: Path, mode: str) -> subprocess.Popen:
 
 
 def _check_rows(cache: ReferenceCache) -> int:
-    filled = torch.from_numpy(cache._filled.nonzero()[0])
+    filled = torch.from_numpy(cache._rows._filled.nonzero()[0])
     if filled.numel():
         rows = cache.get(filled)
         torch.testing.assert_close(rows, filled[:, None].float().expand(-1, 256) + 0.5, rtol=0, atol=0)
@@ -342,8 +342,8 @@ def test_resume_after_sigkill(tmp_path: Path) -> None:
     cache.check_model(_writer_model())
     before = _check_rows(cache)
     assert before >= 8 * 16, "every committed row survives"
-    cache.store(torch.arange(4096)[~torch.from_numpy(cache._filled)], torch.arange(4096)[
-        ~torch.from_numpy(cache._filled)][:, None].float().expand(-1, 256) + 0.5)  # resume: fill the rest
+    cache.store(torch.arange(4096)[~torch.from_numpy(cache._rows._filled)], torch.arange(4096)[
+        ~torch.from_numpy(cache._rows._filled)][:, None].float().expand(-1, 256) + 0.5)  # resume: fill the rest
     cache.close()
     again = ReferenceCache(4096, 256, path=tmp_path / "c")
     again.check_model(_writer_model())

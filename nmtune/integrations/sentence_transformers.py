@@ -46,7 +46,8 @@ except ModuleNotFoundError as err:  # pragma: no cover - exercised only without 
     ) from err
 
 from nmtune.config import NMTuneConfig, resolve_config
-from nmtune.lora._utils import eval_mode
+from nmtune._validation import check_choice
+from nmtune.lora._utils import eval_mode, unwrap_model
 from nmtune.loss import LossComponents, NMTuneRegularizer
 from nmtune.reference_cache import ReferenceCache
 
@@ -65,18 +66,6 @@ KEY_FEATURE = "nmtune_key"
 # The suffixes by which SentenceTransformerTrainer.collect_features recognises an input column.
 _FEATURE_SUFFIXES = ("input_ids", "sentence_embedding", "pixel_values", "input_features", "input_values",
                      "pixel_values_videos")
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The model under DDP / DataParallel / torch.compile wrappers."""
-    for _ in range(8):
-        inner = getattr(model, "module", None)
-        if not isinstance(inner, nn.Module):
-            inner = getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            break
-        model = inner
-    return model
 
 
 def _adapter_layers(model: nn.Module) -> list[nn.Module]:
@@ -193,14 +182,13 @@ class NMTuneSentenceLoss(nn.Module):
         if not isinstance(loss, nn.Module):
             raise TypeError(f"loss must be a sentence-transformers loss (an nn.Module); got {type(loss).__name__}")
         built_on = getattr(loss, "model", None)
-        if not isinstance(built_on, nn.Module) or _unwrap(built_on) is not model:
+        if not isinstance(built_on, nn.Module) or unwrap_model(built_on) is not model:
             raise ValueError(
                 f"{type(loss).__name__} was not built on this model (its `.model` is "
                 f"{type(built_on).__name__}); NMTuneSentenceLoss observes the embeddings the "
                 "loss computes with `model`, so build the loss as LossClass(model, ...)"
             )
-        if reference not in REFERENCE_SOURCES:
-            raise ValueError(f"reference must be one of {REFERENCE_SOURCES}; got {reference!r}")
+        check_choice("reference", reference, REFERENCE_SOURCES)
         if reference == "auto":
             reference = "adapter" if _adapter_layers(model) else "copy"
         if reference == "adapter" and not _adapter_layers(model):
@@ -240,7 +228,7 @@ class NMTuneSentenceLoss(nn.Module):
         """The wrapped loss's value(s) and the weighted NMTune terms, by name (they add up to the loss)."""
         features = [dict(f) for f in sentence_features]
         keys = [f.pop(KEY_FEATURE, None) for f in features]
-        model = _unwrap(self.model)
+        model = unwrap_model(self.model)
         with _observe(model) as seen:
             base = self.loss(features, labels)
         z = self._embeddings(seen, model)

@@ -3,12 +3,13 @@
 The paper's diagnosis of pre-training noise is the spectrum of the features: SVE
 (singular value entropy), LSVR (largest singular value ratio) and the effective
 rank. Both classes embed a fixed probe set every ``every_n_steps`` optimizer steps
-and compute those numbers with :func:`nmtune.analysis.spectrum_summary` (rows
-L2-normalised by default, the authors' convention):
+and compute those numbers with :func:`nmtune.analysis.spectrum_summary` (of the
+features as they are, like ``L_SVD``; ``normalize_rows=True`` for the authors' analysis
+convention):
 
 * :class:`SpectrumMonitor` -- plain PyTorch: call :meth:`SpectrumMonitor.step` once
   per optimizer step; it returns the metrics on probe steps and ``None`` otherwise;
-* :class:`SpectrumCallback` -- a ``transformers.TrainerCallback`` (so it works with
+* :class:`SpectrumCallback` -- a :class:`SpectrumMonitor` that is also a ``transformers.TrainerCallback`` (so it works with
   ``Trainer``, ``SentenceTransformerTrainer`` and :class:`nmtune.integrations.NMTuneTrainer`)
   that logs the metrics through the trainer's own ``log`` (TensorBoard, W&B, the JSON
   ``log_history``...) as ``spectrum/sve``, ``spectrum/lsvr``, ``spectrum/effective_rank``.
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import torch
 from torch import Tensor, nn
@@ -32,6 +33,9 @@ from torch import Tensor, nn
 from nmtune._validation import check_bool, check_int
 from nmtune.analysis import spectrum_summary
 from nmtune.lora._utils import eval_mode
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 try:
     from transformers import TrainerCallback as _TrainerCallback
@@ -44,6 +48,15 @@ METRICS = ("sve", "lsvr", "effective_rank")
 """The spectrum metrics logged at each probe (from :func:`nmtune.analysis.spectrum_summary`)."""
 
 FeaturesFn = Callable[[nn.Module, Any], Tensor]
+LogFn = Callable[[dict[str, float], int], Any]
+
+
+class _MonitorOptions(TypedDict, total=False):
+    """The keyword options of :class:`SpectrumMonitor`, which :class:`SpectrumCallback` takes too."""
+
+    features_fn: FeaturesFn | None
+    normalize_rows: bool
+    log_fn: LogFn | None
 
 
 def _get(output: Any, key: str) -> Any:
@@ -121,7 +134,8 @@ class SpectrumMonitor:
             stable numbers (the rank is at most ``min(rows, dim)``).
         every_n_steps: Probe every this many calls of :meth:`step` (and on the first, step 0).
         features_fn: ``(model, probe) -> (M, D)`` features; default :func:`probe_features`.
-        normalize_rows: L2-normalise rows before the spectrum (the authors' convention).
+        normalize_rows: L2-normalise rows before the spectrum (the authors' analysis convention;
+            default ``False``: the features as the regularizer sees them).
         log_fn: Called with ``(metrics, step)`` after each probe, e.g. a TensorBoard writer's
             ``add_scalars``-like function or ``print``.
 
@@ -143,8 +157,8 @@ class SpectrumMonitor:
         every_n_steps: int = 100,
         *,
         features_fn: FeaturesFn | None = None,
-        normalize_rows: bool = True,
-        log_fn: Callable[[dict[str, float], int], Any] | None = None,
+        normalize_rows: bool = False,
+        log_fn: LogFn | None = None,
     ) -> None:
         self.every_n_steps = check_int("every_n_steps", every_n_steps, minimum=1)
         self.normalize_rows = check_bool("normalize_rows", normalize_rows)
@@ -212,11 +226,12 @@ class SpectrumMonitor:
         return path
 
 
-class SpectrumCallback(_TrainerCallback):  # type: ignore[misc,valid-type]
-    """A ``transformers.TrainerCallback`` that logs the feature spectrum every N optimizer steps.
+class SpectrumCallback(SpectrumMonitor, _TrainerCallback):  # type: ignore[misc,valid-type]
+    """A :class:`SpectrumMonitor` that is a ``transformers.TrainerCallback``: it logs the feature
+    spectrum every N optimizer steps through the trainer.
 
     At the start of training (step 0) and at every ``global_step`` that is a multiple of
-    ``every_n_steps`` it embeds the probe with the trainer's model (:class:`SpectrumMonitor`)
+    ``every_n_steps`` it embeds the probe with the trainer's model (:meth:`measure`)
     and calls ``trainer.log({"spectrum/sve": ..., "spectrum/lsvr": ...,
     "spectrum/effective_rank": ...})``, so every reporter the trainer has (TensorBoard, W&B,
     ``state.log_history``) records them at that step. A callback cannot reach its trainer by
@@ -225,11 +240,10 @@ class SpectrumCallback(_TrainerCallback):  # type: ignore[misc,valid-type]
     Args:
         probe: As for :class:`SpectrumMonitor`.
         every_n_steps: Probe every this many optimizer steps.
-        features_fn: As for :class:`SpectrumMonitor`.
-        normalize_rows: As for :class:`SpectrumMonitor`.
         plot_path: Write the curves to this PNG at the end of training (``None``: no plot).
         prefix: Prefix of the logged names (default ``"spectrum/"``).
         trainer: The trainer to log through (or call :meth:`attach` later).
+        **options: ``features_fn``, ``normalize_rows`` and ``log_fn``, as for :class:`SpectrumMonitor`.
 
     Example:
         >>> trainer = Trainer(model=model, args=args, train_dataset=ds)  # doctest: +SKIP
@@ -242,11 +256,10 @@ class SpectrumCallback(_TrainerCallback):  # type: ignore[misc,valid-type]
         probe: Any,
         every_n_steps: int = 100,
         *,
-        features_fn: FeaturesFn | None = None,
-        normalize_rows: bool = True,
         plot_path: str | os.PathLike | None = None,
         prefix: str = "spectrum/",
         trainer: Any = None,
+        **options: Unpack[_MonitorOptions],
     ) -> None:
         if _TrainerCallback is object:  # pragma: no cover - exercised only without the extra
             raise ModuleNotFoundError('SpectrumCallback needs the "transformers" package: pip install "nmtune[lora]"')
@@ -254,15 +267,10 @@ class SpectrumCallback(_TrainerCallback):  # type: ignore[misc,valid-type]
             raise TypeError(f"prefix must be a str; got {type(prefix).__name__}")
         if plot_path is not None and not isinstance(plot_path, (str, os.PathLike)):
             raise TypeError(f"plot_path must be a path or None; got {type(plot_path).__name__}")
-        self.monitor = SpectrumMonitor(probe, every_n_steps, features_fn=features_fn, normalize_rows=normalize_rows)
+        super().__init__(probe, every_n_steps, **options)
         self.plot_path = plot_path
         self.prefix = prefix
         self.trainer = trainer
-
-    @property
-    def history(self) -> list[dict[str, float]]:
-        """The monitor's history: one dict per probe, with its ``step``."""
-        return self.monitor.history
 
     def attach(self, trainer: Any) -> SpectrumCallback:
         """Log through ``trainer`` and add this callback to it; returns ``self``."""
@@ -281,19 +289,19 @@ class SpectrumCallback(_TrainerCallback):  # type: ignore[misc,valid-type]
             )
         if model is None:
             model = self.trainer.model
-        metrics = self.monitor.measure(model, step)
+        metrics = self.measure(model, step)
         self.trainer.log({f"{self.prefix}{name}": round(value, 6) for name, value in metrics.items()})
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module | None = None,
                        **kwargs: Any) -> None:
-        if not self.monitor.history or self.monitor.history[-1]["step"] != state.global_step:
+        if not self.history or self.history[-1]["step"] != state.global_step:
             self._probe(model, state.global_step)
 
     def on_step_end(self, args: Any, state: Any, control: Any, model: nn.Module | None = None,
                     **kwargs: Any) -> None:
-        if self.monitor.due(state.global_step):  # the only work between probes
+        if self.due(state.global_step):  # the only work between probes
             self._probe(model, state.global_step)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.plot_path is not None and state.is_world_process_zero and self.monitor.history:
-            self.monitor.plot(self.plot_path)
+        if self.plot_path is not None and state.is_world_process_zero and self.history:
+            self.plot(self.plot_path)

@@ -22,6 +22,7 @@ except ModuleNotFoundError as err:  # pragma: no cover - exercised only without 
     raise ModuleNotFoundError('NMTuneTrainer needs the "transformers" package: pip install "nmtune[lora]"') from err
 
 from nmtune.lora import NMTuneLoraModel, unwrap_model
+from nmtune.lora.reference import split_keys
 from nmtune.config import NMTuneConfig, resolve_config
 from nmtune.loss import NMTuneLoss
 
@@ -70,23 +71,24 @@ def _trainer_config(config: Any, inner: NMTuneLoraModel | None) -> NMTuneConfig:
     return resolve_config(config, {}, name="nmtune_config").replace(small_batch="skip")
 
 
-def _split_batch(inputs: dict[str, Any], key_column: str | None, training: bool) -> tuple[dict[str, Any], Tensor]:
-    """The model's keyword inputs and the labels; the reference key column becomes ``reference_keys``."""
+def _model_inputs(inputs: dict[str, Any], key_column: str | None, training: bool) -> tuple[dict[str, Any], Tensor]:
+    """The model's keyword inputs and the labels; the reference key column becomes ``reference_keys``
+    in training and is dropped, with the cache bypassed, in evaluation (its keys are not training keys)."""
     inputs = dict(inputs)
     labels = inputs.pop("labels", None)
     if labels is None:
         raise ValueError(f"NMTuneTrainer needs `labels` in each batch; got keys {sorted(inputs)}")
-    if key_column is not None:
-        keys = inputs.pop(key_column, None)
-        if not training:
-            inputs["use_reference_cache"] = False  # evaluation keys are not training keys
-        elif keys is None:
-            raise ValueError(
-                f"reference_key_column={key_column!r} but the batch has no such column; got keys {sorted(inputs)}"
-            )
-        else:
-            inputs["reference_keys"] = keys
-    return inputs, labels
+    if key_column is None:
+        return inputs, labels
+    if not training:
+        return _without_keys(inputs, key_column), labels
+    keys, inputs = split_keys(inputs, key_column, name="reference_key_column")
+    return {**inputs, "reference_keys": keys}, labels
+
+
+def _without_keys(inputs: dict[str, Any], key_column: str) -> dict[str, Any]:
+    """``inputs`` without the key column, for a pass that bypasses the reference cache."""
+    return {**{k: v for k, v in inputs.items() if k != key_column}, "use_reference_cache": False}
 
 
 class _TermSums:
@@ -251,7 +253,7 @@ class NMTuneTrainer(_AdapterCheckpoints, Trainer):
     ) -> Tensor | tuple[Tensor, Any]:
         """Task loss plus the NMTune regularizers (``num_items_in_batch`` unused: a per-batch mean)."""
         del num_items_in_batch
-        inputs, labels = _split_batch(inputs, self.reference_key_column, model.training)
+        inputs, labels = _model_inputs(inputs, self.reference_key_column, model.training)
         logits, features, reference = _unpack(model(**inputs), self.nmtune_loss.config.uses_consistency)
         comp = self.nmtune_loss(logits, labels, features, reference, return_components=True)
         self._nmtune_terms.add(("train", "train_total") if model.training else ("eval",), comp, logits.shape[0])
@@ -264,8 +266,7 @@ class NMTuneTrainer(_AdapterCheckpoints, Trainer):
     ) -> Any:
         """As ``Trainer.prediction_step``; the reference key column is dropped and the cache bypassed."""
         if self.reference_key_column is not None:
-            inputs = {k: v for k, v in inputs.items() if k != self.reference_key_column}
-            inputs["use_reference_cache"] = False
+            inputs = _without_keys(inputs, self.reference_key_column)
         return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
     def evaluation_loop(self, *args: Any, **kwargs: Any) -> Any:

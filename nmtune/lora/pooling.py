@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from nmtune._validation import check_same_device, check_tensor
+from nmtune._validation import check_choice, check_same_device, check_tensor
 
 __all__ = [
     "POOLING_MODES", "pool_tokens", "pool_output", "resolve_token_pooling", "sentence_transformers_pooling",
@@ -27,6 +27,7 @@ __all__ = [
 POOLING_MODES = ("auto", "cls", "mean", "last", "pooler", "pre_logits")
 """Names accepted by ``pooling`` (a callable ``(hidden, attention_mask) -> (B, D)`` also works)."""
 
+_TOKEN_MODES = ("cls", "mean", "last")  # what pool_tokens computes
 # sentence-transformers' Pooling config keys -> pool_tokens modes
 _ST_MODES = {
     "pooling_mode_cls_token": "cls",
@@ -52,8 +53,7 @@ def pool_tokens(hidden: Tensor, mask: Tensor | None, mode: str) -> Tensor:
         >>> pool_tokens(h, torch.tensor([[1, 1, 0, 0]]), "last")
         tensor([[3., 4., 5.]])
     """
-    if not isinstance(mode, str):
-        raise TypeError(f"mode must be one of ('cls', 'mean', 'last'); got {type(mode).__name__}")
+    check_choice("mode", mode, _TOKEN_MODES, what="pooling")
     check_tensor("hidden", hidden)
     if hidden.dim() != 3 or hidden.shape[1] < 1:
         raise ValueError(f"token pooling needs hidden states of shape (B, T, D) with T >= 1; got {tuple(hidden.shape)}")
@@ -73,14 +73,12 @@ def pool_tokens(hidden: Tensor, mask: Tensor | None, mode: str) -> Tensor:
             return hidden.mean(dim=1)
         w = mask.to(hidden.dtype).unsqueeze(-1)
         return (hidden * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0)
-    if mode == "last":
-        if mask is None:
-            return hidden[:, -1]
-        # index of the last non-pad position; works for right and left padding
-        pos = torch.arange(mask.shape[1], device=mask.device)
-        idx = (mask.to(torch.long) * pos).argmax(dim=1)
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
-    raise ValueError(f"unknown pooling {mode!r}; mode must be one of ('cls', 'mean', 'last')")
+    if mask is None:  # "last"
+        return hidden[:, -1]
+    # index of the last non-pad position; works for right and left padding
+    pos = torch.arange(mask.shape[1], device=mask.device)
+    idx = (mask.to(torch.long) * pos).argmax(dim=1)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
 
 
 def checkpoint_folder(model: nn.Module, filename: str = "modules.json") -> Path | None:

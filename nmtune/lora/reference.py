@@ -11,12 +11,14 @@
 
 With a cache set, ``forward`` needs ``reference_keys``: a hit skips the adapter-disabled pass,
 a miss runs it and stores the result. The functions take the model itself (its ``peft_model``,
-``adapter``, ``pooling``, ``reference_eval`` and ``reference_cache``); ``model`` calls them.
+``adapter``, ``pooling``, ``reference_eval`` and ``reference_cache``); ``model`` calls them, and
+so does :meth:`nmtune.ReferenceCache.precompute`, whose batches carry their keys (:func:`split_keys`).
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -24,7 +26,8 @@ from torch import Tensor, nn
 
 from nmtune.lora._utils import eval_mode
 
-__all__ = ["CACHE_METHODS", "check_cache", "check_keys", "check_reference_shape", "reference_features"]
+__all__ = ["CACHE_METHODS", "check_cache", "check_keys", "check_reference_shape", "reference_features",
+           "reference_pass", "split_keys"]
 
 CACHE_METHODS = ("check_model", "lookup", "store")
 """The methods a reference cache provides."""
@@ -49,6 +52,27 @@ def check_keys(keys: Any) -> Tensor:
         got = f"{keys.dtype} tensor of shape {tuple(keys.shape)}" if isinstance(keys, Tensor) else type(keys).__name__
         raise TypeError(f"reference_keys must be a 1-D integer tensor (one key per row); got {got}")
     return keys
+
+
+def split_keys(batch: Any, key: str | int, *, name: str = "key") -> tuple[Any, Any]:
+    """A batch's keys and the rest: a dict's ``key`` column and its other columns, or a tuple's
+    ``batch[key]`` and ``batch[0]`` (the inputs).
+
+    Raises:
+        ValueError: A dict without the ``key`` column (named as the argument ``name``).
+        TypeError: Neither a dict nor a tuple with an integer ``key``.
+
+    Example:
+        >>> split_keys({"idx": torch.arange(2), "x": torch.zeros(2, 3)}, "idx")[1].keys()
+        dict_keys(['x'])
+    """
+    if isinstance(batch, Mapping):
+        if key not in batch:
+            raise ValueError(f"{name}={key!r} but the batch has no such column; got columns {sorted(batch)}")
+        return batch[key], {k: v for k, v in batch.items() if k != key}
+    if isinstance(batch, (tuple, list)) and isinstance(key, int):
+        return batch[key], batch[0]
+    raise TypeError(f"batches must be dicts (key = column name) or tuples (key = position); got {type(batch).__name__}")
 
 
 def reference_pass(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Tensor:

@@ -16,6 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from nmtune._validation import check_module
+from nmtune.lora._utils import check_not_merged, lora_layers, unwrap_model
+from nmtune.lora.model import NMTuneLoraModel
 
 _SAMPLES_PER_TENSOR = 64
 
@@ -23,27 +25,10 @@ _SAMPLES_PER_TENSOR = 64
 _PARTS = {"architecture": "parameter names/shapes/dtypes", "weights": "base weights", "reference": "reference settings"}
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """Strip DDP / DataParallel / torch.compile wrappers."""
-    for _ in range(8):
-        inner = getattr(model, "module", None) if type(model).__name__ in ("DistributedDataParallel", "DataParallel") \
-            else getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            break
-        model = inner
-    return model
-
-
-def _is_lora_model(model: nn.Module) -> bool:
-    from nmtune.lora import NMTuneLoraModel
-
-    return isinstance(_unwrap(model), NMTuneLoraModel)
-
-
-def _merged_lora_layers(model: nn.Module) -> list[str]:
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    return [type(m).__name__ for m in model.modules() if isinstance(m, BaseTunerLayer) and getattr(m, "merged", False)]
+def _lora_model(model: nn.Module) -> NMTuneLoraModel | None:
+    """``model`` unwrapped, if it is an ``NMTuneLoraModel``."""
+    inner = unwrap_model(model)
+    return inner if isinstance(inner, NMTuneLoraModel) else None
 
 
 def _frozen_tensors(model: nn.Module) -> list[tuple[str, Tensor]]:
@@ -66,16 +51,16 @@ def _sample_bytes(t: Tensor) -> bytes:
 
 
 def _reference_settings(model: nn.Module) -> dict[str, Any]:
-    inner = _unwrap(model)
-    if not _is_lora_model(inner):
-        return {"class": type(inner).__name__}
-    pooling = inner.pooling if isinstance(inner.pooling, str) else getattr(inner.pooling, "__qualname__", "custom")
-    cfg = inner.peft_model.peft_config[inner.peft_model.active_adapter]
+    lora = _lora_model(model)
+    if lora is None:
+        return {"class": type(unwrap_model(model)).__name__}
+    pooling = lora.pooling if isinstance(lora.pooling, str) else getattr(lora.pooling, "__qualname__", "custom")
+    cfg = lora.peft_model.peft_config[lora.peft_model.active_adapter]
     return {
-        "class": type(inner.base_model).__name__,
+        "class": type(lora.base_model).__name__,
         "pooling": pooling,
-        "reference_eval": inner.reference_eval,
-        "freeze_batchnorm": inner.freeze_batchnorm,
+        "reference_eval": lora.reference_eval,
+        "freeze_batchnorm": lora.freeze_batchnorm,
         "init_lora_weights": str(getattr(cfg, "init_lora_weights", None)),
         "bias": str(getattr(cfg, "bias", None)),
     }
@@ -109,16 +94,15 @@ def model_fingerprint(model: nn.Module) -> dict[str, str]:
         False
     """
     check_module("model", model)
-    inner = _unwrap(model)
-    target = inner.base_model if _is_lora_model(inner) else inner
-    tensors = _frozen_tensors(target)
+    lora = _lora_model(model)
+    tensors = _frozen_tensors(lora.base_model if lora is not None else unwrap_model(model))
     arch, weights = hashlib.sha256(), hashlib.sha256()
     for name, t in tensors:
         arch.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
         weights.update(_sample_bytes(t))
     if tensors and not tensors[-1][1].is_meta:
         weights.update(tensors[-1][1].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    settings = json.dumps(_reference_settings(inner), sort_keys=True)
+    settings = json.dumps(_reference_settings(model), sort_keys=True)
     return {
         "architecture": arch.hexdigest()[:16],
         "weights": weights.hexdigest()[:16],
@@ -128,21 +112,17 @@ def model_fingerprint(model: nn.Module) -> dict[str, str]:
 
 def _check_deterministic(model: nn.Module) -> None:
     """Refuse a model whose reference path is random or depends on the batch."""
-    inner = _unwrap(model)
-    if _is_lora_model(inner):
-        if not inner.reference_eval:
+    lora = _lora_model(model)
+    if lora is not None:
+        if not lora.reference_eval:
             raise ValueError(
                 "the model computes F with reference_eval=False, i.e. in training mode (dropout active, BatchNorm on "
                 "batch statistics), so F is not a function of the example and cannot be cached; wrap it with "
                 "reference_eval=True"
             )
-        merged = _merged_lora_layers(inner.peft_model)
-        if merged:
-            raise ValueError(
-                f"{len(merged)} LoRA layer(s) have merged adapters: disable_adapter() no longer gives the pre-trained "
-                "model, so F would be wrong; call unmerge_adapter() before attaching the cache"
-            )
+        check_not_merged(lora_layers(lora.peft_model))
         return
+    inner = unwrap_model(model)
     params = list(inner.parameters())
     if not params and not list(inner.buffers()):
         raise ValueError(f"{type(inner).__name__} has no parameters or buffers to fingerprint")

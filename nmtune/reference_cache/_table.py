@@ -1,17 +1,16 @@
-"""The storage layer of a reference cache: :class:`_FeatureTable`, rows written once."""
+"""The rows of a reference cache: :class:`_FeatureTable`, each written once, and the checks of what enters it."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from nmtune._validation import check_features
 from nmtune.reference_cache._storage import _CacheFolder, _dtype_name, _MemoryRows, _MmapRows, _parse_dtype
-
-_Table = TypeVar("_Table", bound="_FeatureTable")
 
 
 def _key_indices(keys: Any, num_examples: int) -> np.ndarray:
@@ -62,14 +61,11 @@ def _verify_rows(idx: np.ndarray, cached: Tensor, recomputed: Tensor, tol: float
         )
 
 
-def _check_features(features: Any, num_keys: int) -> None:
-    if not isinstance(features, Tensor) or not features.is_floating_point():
-        raise TypeError(f"features must be a floating tensor; got {type(features).__name__}")
-    if features.dim() != 2 or features.shape[0] != num_keys or features.shape[1] < 1:
-        raise ValueError(f"features must have shape (B, D), D >= 1, with B = {num_keys} keys; got "
-                         f"{tuple(features.shape)}")
-    if features.is_meta:
-        raise ValueError("features is a meta tensor (a shape without values); the cache stores values")
+def _check_new_rows(features: Any, num_keys: int) -> None:
+    """``features``: one finite row ``(D,)`` per key, with values (the cache stores them)."""
+    check_features("features", features, matrix=True, needs_values=True)
+    if features.shape[0] != num_keys:
+        raise ValueError(f"features must have shape (B, D), D >= 1, with B = {num_keys} keys; got {tuple(features.shape)}")
     if not bool(torch.isfinite(features).all()):  # the rows are copied to the cache's storage anyway
         raise ValueError("features hold NaN or Inf; the cache stores only finite reference features")
 
@@ -85,8 +81,9 @@ class _FeatureTable:
     """``num_examples`` rows of features, each written once, in memory or memory-mapped in a folder.
 
     A ``filled`` bitmap says which rows hold data; a row written again is compared with
-    the stored one, never overwritten; on disk, written rows become valid on :meth:`commit`,
-    and ``meta.json`` records shape, dtype, context and model fingerprint (``_fingerprint``).
+    the stored one (``verify_tol``; ``verified`` counts them), never overwritten; on disk,
+    written rows become valid on :meth:`commit`, and ``meta.json`` records shape, dtype,
+    context and the fingerprint of the model the rows come from (``model``).
     """
 
     def __init__(self, num_examples: int, dim: int | None, dtype: torch.dtype | None, *, path: Path | None,
@@ -95,7 +92,7 @@ class _FeatureTable:
         self.path, self.context = path, context
         self.verify_tol, self.commit_every = verify_tol, commit_every
         self.verified = self._pending = 0
-        self._fingerprint: dict[str, str] | None = None
+        self.model: dict[str, str] | None = None
         self._filled = np.zeros(num_examples, dtype=bool)
         self._folder = None if path is None else _CacheFolder(path)
         self._storage: _MemoryRows | _MmapRows
@@ -110,7 +107,7 @@ class _FeatureTable:
     def _reopen(self, folder: _CacheFolder) -> None:
         asked = {"num_examples": self.num_examples, "dim": self.dim, "dtype": _dtype_name(self.dtype)}
         meta = folder.read_meta(asked, self.context)
-        self._fingerprint = meta.get("model")
+        self.model = meta.get("model")
         if meta.get("dim") is not None and meta.get("dtype") is not None:
             self.dim, self.dtype = int(meta["dim"]), _parse_dtype(meta["dtype"])
             self._filled = folder.rows.reopen(self.num_examples, self.dim, self.dtype)
@@ -118,16 +115,29 @@ class _FeatureTable:
     def _write_meta(self) -> None:
         if self._folder is not None:
             self._folder.write_meta(num_examples=self.num_examples, dim=self.dim, dtype=_dtype_name(self.dtype),
-                                    context=self.context, model=self._fingerprint)
+                                    context=self.context, model=self.model)
 
     def _allocate(self, dim: int, dtype: torch.dtype) -> None:
         self.dim, self.dtype = dim, dtype
         self._storage.allocate(self.num_examples, dim, dtype)
         self._write_meta()
 
-    def _write(self, idx: np.ndarray, features: Tensor) -> None:
+    def record_model(self, fingerprint: dict[str, str]) -> None:
+        """Record the fingerprint of the model the rows come from (in ``meta.json`` on disk)."""
+        self.model = fingerprint
+        self._write_meta()
+
+    def missing(self, idx: np.ndarray) -> np.ndarray:
+        """The rows of ``idx`` that hold no data."""
+        return idx[~self._filled[idx]] if self.dim is not None else idx
+
+    def read(self, idx: np.ndarray, device: torch.device) -> Tensor:
+        """The rows of ``idx`` (filled ones) on ``device``."""
+        return self._storage.read(idx).to(device, non_blocking=True)
+
+    def write(self, idx: np.ndarray, features: Tensor) -> None:
         """Write the rows of ``idx`` not filled yet; compare the others with what is stored."""
-        _check_features(features, idx.size)
+        _check_new_rows(features, idx.size)
         if self._storage.data is None:
             self._allocate(self.dim or int(features.shape[1]), self.dtype or features.dtype)
         _check_fit(features, self.dim, self.dtype)
@@ -151,33 +161,19 @@ class _FeatureTable:
         self._pending = 0
 
     def close(self) -> None:
-        """Commit and release the file lock; the cache is unusable afterwards."""
+        """Commit and release the file lock; the table is unusable afterwards."""
         if self._folder is not None and not self._folder.closed:
             self.commit()
             self._folder.release()
 
-    def __enter__(self: _Table) -> _Table:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     @property
     def num_filled(self) -> int:
-        """Examples whose ``F`` is cached."""
         return int(self._filled.sum())
 
     @property
-    def fingerprint(self) -> dict[str, str] | None:
-        """The fingerprint of the model the cache was built for (see :func:`model_fingerprint`)."""
-        return None if self._fingerprint is None else dict(self._fingerprint)
-
-    @property
     def resident_bytes(self) -> int:
-        """Bytes of process memory the rows take (in memory: ``N x D x itemsize``; on disk: 0, page cache aside)."""
         return self._storage.resident_bytes() + self._filled.nbytes
 
     @property
     def disk_bytes(self) -> int:
-        """Bytes allocated on disk (sparse: rows never stored take none)."""
         return self._storage.disk_bytes()
