@@ -468,9 +468,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--per-char", type=int, default=80, help="glyph renderings per character (offline data)")
     p.add_argument("--channels-last", action="store_true", help="channels-last model and batches (faster on CPU)")
     p.add_argument("--tiny", action="store_true")
-    p.add_argument("--stop-after", type=int, default=None, help="stop after N epochs (testing resume)")
-    p.add_argument("--checkpoint-every-steps", type=int, default=None, metavar="N",
-                   help="also checkpoint every N optimizer steps (a restart resumes mid-epoch); default: per epoch")
+    tl.add_resume_arguments(p)
     return p
 
 

@@ -402,9 +402,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=ClipPretrainConfig.batch_size)
     p.add_argument("--lr", type=float, default=ClipPretrainConfig.lr)
     p.add_argument("--tiny", action="store_true")
-    p.add_argument("--stop-after", type=int, default=None, help="stop after N epochs (testing resume)")
-    p.add_argument("--checkpoint-every-steps", type=int, default=None, metavar="N",
-                   help="also checkpoint every N optimizer steps (a rerun resumes mid-epoch); default: per epoch")
+    tl.add_resume_arguments(p)
     return p
 
 

@@ -43,6 +43,7 @@ checkpoint of a first attempt (``TORCHELASTIC_RESTART_COUNT`` unset or 0).
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime
 import itertools
@@ -60,6 +61,7 @@ from torch.utils.data import DataLoader, Sampler
 
 __all__ = [
     "CHECKPOINT_FORMAT",
+    "add_resume_arguments",
     "Checkpointer",
     "Position",
     "ResumableSampler",
@@ -318,6 +320,15 @@ class Position:
         if epoch == self.epoch and self.step:
             return self.step, self.partial
         return 0, {}
+
+
+def add_resume_arguments(parser: argparse.ArgumentParser) -> None:
+    """The two flags both pre-training commands share: ``--stop-after N`` (train N epochs of
+    this call, then stop: an interruption the next call resumes) and ``--checkpoint-every-steps N``."""
+    parser.add_argument("--stop-after", type=int, default=None, help="stop after N epochs (testing resume)")
+    parser.add_argument("--checkpoint-every-steps", type=int, default=None, metavar="N",
+                        help="also checkpoint every N optimizer steps (a restart or a rerun resumes mid-epoch); "
+                             "default: per epoch")
 
 
 def init_distributed(backend: str) -> None:
