@@ -49,6 +49,7 @@ __all__ = [
     "cached",
     "committed_results",
     "cpu_seconds",
+    "run_cells",
     "hit_rate",
     "machine_info",
     "macro_f1",
@@ -155,6 +156,33 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def run_cells(fn: Callable[..., T], cells: Sequence[tuple], jobs: int,
+              done: Callable[[tuple, T], None] | None = None) -> dict[tuple, T]:
+    """``fn(*cell)`` for every cell: in ``jobs`` spawned processes when ``jobs > 1`` and there is
+    more than one cell (``fn`` must then pickle: a module-level function or a ``functools.partial``
+    of one), otherwise here, in order. ``done(cell, result)`` runs here as each cell finishes.
+    Each cell seeds itself, so the results do not depend on ``jobs`` or on the finishing order."""
+    results: dict[tuple, T] = {}
+
+    def finish(cell: tuple, result: T) -> None:
+        results[cell] = result
+        if done is not None:
+            done(cell, result)
+
+    if jobs > 1 and len(cells) > 1:
+        import concurrent.futures as cf
+        import multiprocessing as mp
+
+        with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+            futures = {pool.submit(fn, *cell): cell for cell in cells}
+            for fut in cf.as_completed(futures):
+                finish(futures[fut], fut.result())
+    else:
+        for cell in cells:
+            finish(cell, fn(*cell))
+    return results
 
 
 def cpu_seconds() -> float:

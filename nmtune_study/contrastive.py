@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -40,7 +41,7 @@ import torch
 from nmtune import evaluate, extract_features
 from nmtune_study import evaluate as ev
 from nmtune_study import pretrain_clip as pc
-from nmtune_study.common import atomic_write_text, cached, flat, mean_std, noise_ratio, seed_list
+from nmtune_study.common import atomic_write_text, cached, flat, mean_std, noise_ratio, run_cells, seed_list
 from nmtune_study.data import clip as cd
 from nmtune_study.data import vision as vd
 from nmtune_study.report import plots as P
@@ -294,19 +295,8 @@ def run_regime(
     _data(out, tiny, clip.get("per_font"))  # rendered once, before the cells read the cache
     t_data, c_data = time.time() - t0, _cpu() - c0
     cells = [(g, s) for g in gammas for s in pretrain_seeds]
-    done: dict[tuple[float, int], tuple[dict, dict]] = {}
-    if jobs > 1 and len(cells) > 1:
-        import concurrent.futures as cf
-        import multiprocessing as mp
-
-        with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
-            futures = {pool.submit(_cell, out, tiny, clip, g, s, settings, progress, threads): (g, s)
-                       for g, s in cells}
-            for fut in cf.as_completed(futures):
-                done[futures[fut]] = fut.result()
-    else:
-        for g, s in cells:
-            done[(g, s)] = _cell(out, tiny, clip, g, s, settings, progress, threads)
+    done = run_cells(functools.partial(_cell, out, tiny, clip, settings=settings, progress=progress,
+                                       threads=threads), cells, jobs)
     curves = {_tag(g, s): done[(g, s)][0] for g, s in cells}
     evals = {(g, s): done[(g, s)][1] for g, s in cells}
     records = [r for e in evals.values() for r in e["records"]]

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -57,7 +58,7 @@ from nmtune_study import language as language_study
 from nmtune_study import evaluate as ev
 from nmtune_study import pretrain as pt
 from nmtune_study.common import atomic_write_text, cached, committed_results, cpu_seconds, flat, noise_ratio, \
-    seed_list
+    run_cells, seed_list
 from nmtune_study.data import vision as vd
 from nmtune_study.report.assemble import write_report
 
@@ -254,20 +255,15 @@ def _run_cells(a, s, out: pathlib.Path, data, tasks, clock: _Clock, log) -> tupl
     evals: dict[float, dict[int, Any]] = {}
     cells = [(g, p) for g in s["gammas"] for p in s["pretrain_seeds"]]
     t0, c0 = time.time(), cpu_seconds()
-    if a.jobs > 1 and len(cells) > 1:
-        import concurrent.futures as cf
-        import multiprocessing as mp
 
-        with cf.ProcessPoolExecutor(max_workers=a.jobs, mp_context=mp.get_context("spawn")) as pool:
-            futures = {pool.submit(_cell, a, s, out, data, tasks, g, p): (g, p) for g, p in cells}
-            for fut in cf.as_completed(futures):
-                (g, p), (pr, res) = futures[fut], fut.result()
-                pre.setdefault(g, {})[p], evals.setdefault(g, {})[p] = pr, res
-                log(f"gamma={g:g} seed={p}: {len(res['records'])} records ({time.time() - t0:.0f} s)")
-    else:
-        for g, p in cells:
-            pre.setdefault(g, {})[p], evals.setdefault(g, {})[p] = _cell(a, s, out, data, tasks, g, p, log)
-            log(f"gamma={g:g} seed={p}: {len(evals[g][p]['records'])} records ({time.time() - t0:.0f} s)")
+    def done(cell: tuple[float, int], result: tuple[Any, Any]) -> None:
+        (g, p), (pr, res) = cell, result
+        pre.setdefault(g, {})[p], evals.setdefault(g, {})[p] = pr, res
+        log(f"gamma={g:g} seed={p}: {len(res['records'])} records ({time.time() - t0:.0f} s)")
+
+    # a cell run here reports its pre-training progress through ``log`` (a closure: it does not pickle)
+    here = a.jobs <= 1 or len(cells) <= 1
+    run_cells(functools.partial(_cell, a, s, out, data, tasks, log=log if here else None), cells, a.jobs, done)
     clock.stage("pretrain+evaluate", t0, c0)  # CPU time includes the worker processes
     return ({g: dict(sorted(pre[g].items())) for g in sorted(pre)},
             {g: dict(sorted(evals[g].items())) for g in sorted(evals)})
