@@ -343,8 +343,8 @@ def init_distributed(backend: str) -> None:
     (``TORCHELASTIC_USE_AGENT_STORE=True``), and that store outlives a failed attempt.
     The restarted group then reads the dead group's keys, gloo's peer addresses among
     them: a rank connects to a closed port ("Connection refused") or both ranks wait in
-    gloo's full-mesh connect for good (pytorch/pytorch#135712; seen here in 1 of 6
-    restarts). On one node every worker of an attempt sees the same
+    gloo's full-mesh connect for good (pytorch/pytorch#135712;
+    ``tools/restart_soak.sh`` repeats such a restart). On one node every worker of an attempt sees the same
     ``TORCHELASTIC_RESTART_COUNT``, so the group gets a store scope of its own per
     attempt. Across nodes the agents count restarts each on their own, so no such
     scope is safe: launch with ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (a fresh store
@@ -354,12 +354,10 @@ def init_distributed(backend: str) -> None:
     timeout = datetime.timedelta(seconds=float(env.get("NMTUNE_DIST_TIMEOUT", "1800")))
     shared = env.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and int(env.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0
     if shared and int(env.get("GROUP_WORLD_SIZE", "1")) == 1:
-        world = int(env["WORLD_SIZE"])
-        store = torch.distributed.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world, is_master=False,
-                                           timeout=timeout)
+        # torch's own env:// rendezvous (a client of the agent's store), under a prefix of this attempt
+        store, rank, world = next(torch.distributed.rendezvous("env://", timeout=timeout))
         scoped = torch.distributed.PrefixStore(f"nmtune/attempt-{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
-        torch.distributed.init_process_group(backend, store=scoped, rank=int(env["RANK"]), world_size=world,
-                                             timeout=timeout)
+        torch.distributed.init_process_group(backend, store=scoped, rank=rank, world_size=world, timeout=timeout)
         return
     if shared:
         warnings.warn("torchrun shares its rendezvous store with the workers across restarts, and a restarted group "

@@ -498,3 +498,18 @@ def test_downstream_label_noise_only_touches_id_training_labels():
     assert acc["ood"][0]["accuracy"] == acc["ood"][1]["accuracy"]
     assert acc["id"][0]["accuracy"] != acc["id"][1]["accuracy"]
     assert acc["id"][0]["pretrain_seed"] == 4 and acc["id"][0]["regime"] == "supervised"
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(300)
+def test_restart_soak_tool_reports_one_worker_failure_per_run(tmp_path):
+    """tools/restart_soak.sh (the documented way to repeat the restart above) runs and reports one
+    line per run: exit code 0 and exactly one worker failure, the SIGKILL."""
+    import subprocess
+
+    tool = EXAMPLES.parent / "tools" / "restart_soak.sh"
+    out = subprocess.run(["bash", str(tool), "1", str(tmp_path)], capture_output=True, text=True, timeout=280,
+                         env={**os.environ, "PYTHON": sys.executable})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().startswith("run 1 rc=0 ") and out.stdout.strip().endswith("worker_failures=1"), (
+        out.stdout + (tmp_path / "run1" / "log").read_text()[-2000:])

@@ -186,7 +186,13 @@ def test_init_distributed_scopes_torchruns_shared_store_per_restart_attempt(monk
 
     calls: list[dict] = []
     monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend, **kw: calls.append(kw))
-    monkeypatch.setattr(torch.distributed, "TCPStore", lambda *a, **kw: ("store", a, kw))
+    rendezvous: list[tuple] = []
+
+    def fake_rendezvous(url, **kw):
+        rendezvous.append((url, kw))
+        yield "agent store", 1, 2
+
+    monkeypatch.setattr(torch.distributed, "rendezvous", fake_rendezvous)
     monkeypatch.setattr(torch.distributed, "PrefixStore", lambda prefix, store: (prefix, store))
     env = {"TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_MAX_RESTARTS": "1", "GROUP_WORLD_SIZE": "1",
            "TORCHELASTIC_RESTART_COUNT": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29400", "RANK": "1",
@@ -195,8 +201,8 @@ def test_init_distributed_scopes_torchruns_shared_store_per_restart_attempt(monk
         monkeypatch.setenv(k, v)
     tl.init_distributed("gloo")
     (kw,) = calls
-    prefix, (_, args, store_kw) = kw["store"]
-    assert prefix == "nmtune/attempt-1" and args == ("127.0.0.1", 29400, 2) and store_kw["is_master"] is False
+    assert kw["store"] == ("nmtune/attempt-1", "agent store")
+    assert rendezvous == [("env://", {"timeout": kw["timeout"]})]
     assert kw["rank"] == 1 and kw["world_size"] == 2 and kw["timeout"].total_seconds() == 7
 
     calls.clear()
