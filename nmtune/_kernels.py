@@ -256,10 +256,19 @@ def _moment_stats(mom: Moments, singular_values: bool, covariance: bool) -> Spec
     energy = scatter_energy(mom.scatter, mom.rows) if covariance else None
     if not singular_values:
         return SpectralStats(None, energy)
-    g = mom.scatter + mom.rows * (mom.mean.mT @ mom.mean)
+    return SpectralStats(gram_singular_values(mom.scatter + mom.rows * (mom.mean.mT @ mom.mean), mom.rows), energy)
+
+
+def gram_singular_values(g: Tensor, rows: int) -> Tensor:
+    """Descending singular values of ``rows`` rows from their uncentred ``D x D`` Gram ``z^T z``.
+
+    The ``min(rows, D)`` largest, with the eigensolver's rounding noise cut to zero as
+    :func:`_resolved` says (used for reduced :class:`Moments` and for spectra accumulated
+    a batch at a time).
+    """
     lam, _ = _eigh(g, False)
     sigma = _safe_sqrt(lam, _resolved(lam, g.shape[-1])).flip(-1)
-    return SpectralStats(sigma[..., : min(mom.rows, g.shape[-1])], energy)
+    return sigma[..., : min(rows, g.shape[-1])]
 
 
 def _offdiag_centred(z: Tensor) -> Tensor:

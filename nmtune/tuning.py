@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from nmtune import _rows
 from nmtune import functional as NF
+from nmtune._kernels import gram_singular_values
 from nmtune._rows import _Rows, _TensorRows
 from nmtune._validation import check_choice, check_features, check_int, check_real, check_tensor
 from nmtune.head import HEAD_PRESETS, NMTuneHead
@@ -554,9 +555,7 @@ class _StreamedSpectrum:
         self.n += z.shape[0]
 
     def singular_values(self) -> Tensor:
-        lam = torch.linalg.eigvalsh(self.g).flip(-1)[: min(self.n, self.g.shape[0])]
-        resolved = lam > lam[0].clamp_min(0) * (self.g.shape[0] * torch.finfo(lam.dtype).eps)
-        return torch.where(resolved, lam.clamp_min(0).sqrt(), 0.0)
+        return gram_singular_values(self.g, self.n)
 
 
 @torch.no_grad()
