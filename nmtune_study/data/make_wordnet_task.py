@@ -43,7 +43,7 @@ def build(wordnet_dir: str | Path, out: str | Path) -> D.TextTask:
     params = dict(PARAMS)
     task = D.load_wordnet_task(wordnet_dir, pos=tuple(params.pop("pos")), **params)
     source = (f"WordNet 3.0 (Princeton University), data.noun and data.verb of Debian's wordnet-base "
-              f"{_debian_version()}; built by examples/data/make_wordnet_task.py")  # as the shipped file records it
+              f"{_debian_version()}; built by python -m nmtune_study.data.make_wordnet_task")
     D.write_wordnet_task(task, out, params=PARAMS, source=source)
     return task
 
