@@ -378,6 +378,44 @@ def test_reproduce_paper_tiny(tmp_path, monkeypatch):
     assert again["records"] == saved["records"] and again["claims"] == saved["claims"]
 
 
+def test_reproduce_paper_killed_mid_study_resumes_to_the_same_results(tmp_path):
+    """SIGKILL the study command (as users run it) in the middle of its (noise, seed) cells, run the
+    same command again: finished cells are not redone, and records and claims equal an
+    uninterrupted run's."""
+    import signal
+    import subprocess
+    import time
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, str(EXAMPLES / "reproduce_paper.py"), "--tiny", "--no-progress", "--jobs", "1"]
+    full = subprocess.run([*cmd, "--out", str(tmp_path / "full")], capture_output=True, text=True, timeout=600, env=env)
+    assert full.returncode == 0, full.stderr[-2000:]
+
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([*cmd, "--out", str(cut)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    marker = cut / "pretrain" / "g10" / "s0" / "model.pt"  # the middle of the cells
+    deadline = time.monotonic() + 300
+    while not marker.exists():
+        assert proc.poll() is None, "the study exited before the marker cell was pre-trained"
+        assert time.monotonic() < deadline, "no pre-trained model within 300 s"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (cut / "results.json").exists(), "the study finished before it was killed"
+    finished = sorted(cut.glob("pretrain/*/s*/model.pt"))
+    mtimes = {p: p.stat().st_mtime_ns for p in finished}
+
+    resumed = subprocess.run([*cmd, "--out", str(cut)], capture_output=True, text=True, timeout=600, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert {p: p.stat().st_mtime_ns for p in finished} == mtimes, "a finished cell was pre-trained again"
+    a = json.loads((tmp_path / "full" / "results.json").read_text())
+    b = json.loads((cut / "results.json").read_text())
+    assert a["records"] and a["records"] == b["records"]
+    assert a["pretrain_memorised"] == b["pretrain_memorised"]
+    assert (tmp_path / "full" / "claims.json").read_text() == (cut / "claims.json").read_text()
+
+
 def _fake_contrastive(calls):
     import types
 
