@@ -174,6 +174,31 @@ def test_regularizer_scale_matches_the_weighted_terms():
     assert sc["first"]["singular_value"]["unweighted"] == pytest.approx(-0.05)
 
 
+def test_regularizer_scale_summary_is_quartiles_over_fits():
+    """The Diagnosis's scale: quartiles over NMTune fits of one protocol (a fit's ID and OOD records
+    count once), so one fit whose task loss ended near zero cannot carry the summary."""
+    from nmtune_study.report.diagnosis import scale_stats
+    from nmtune_study.report.markdown import _scale_suspect
+
+    def fit(seed, weighted, protocol="selected", kind="id"):
+        term = {"weighted": weighted, "unweighted": 100 * weighted, "value": 1.0}
+        sc = {w: {"task": 1.0, "consistency": term, "covariance": term, "singular_value": term} for w in ("first", "last")}
+        return dict(method="nmtune", protocol=protocol, gamma=0.1, pretrain_seed=0, task="t", seed=seed, fraction=1.0,
+                    kind=kind, regularizer_scale=sc)
+
+    records = [fit(s, w) for s, w in enumerate((0.01, 0.02, 0.03, 0.04, 50.0))]
+    records += [fit(0, 0.01, kind="ood"), fit(9, 7.0, protocol="paper"), dict(method="lp", protocol="selected")]
+    sc = scale_stats(records, "selected")
+    assert sc["fits"] == 5
+    assert sc["last"]["covariance/weighted"] == pytest.approx((0.02, 0.03, 0.04))
+    assert sc["first"]["consistency/unweighted"][1] == pytest.approx(3.0)
+    assert scale_stats(records, "paper")["fits"] == 1 and scale_stats([records[-1]], "selected") == {}
+    line = _scale_suspect(sc)[0]
+    assert "over 5 NMTune fits" in line and "covariance +3.00e-02 [+2.00e-02, +4.00e-02] (+3.00 unweighted)" in line
+    assert line.endswith("Conclusion: the regularisers are a small perturbation of the task loss (< 5 % of it).")
+    assert _scale_suspect({}) == []
+
+
 # ----------------------------------------------------------------------------- study wiring
 
 

@@ -508,12 +508,14 @@ def _total(timing: dict[str, dict[str, float]]) -> tuple[float, float]:
 
 def r_default_runtime(res: Results) -> str:
     wall, cpu = _total(res.json("examples/results/default/timing.json"))
-    return f"{minutes(wall)} of wall time and {minutes(cpu)} of CPU time (`examples/results/default/timing.json`)"
+    return (f"{minutes(wall)} of wall time and {minutes(cpu)} of CPU time (`examples/results/default/timing.json`, "
+            "summed over the calls that wrote it: the run and re-renders of its report from cached stages)")
 
 
 def r_faithful_runtime(res: Results) -> str:
     wall, cpu = _total(res.timing())
-    return f"{minutes(wall)} of wall time and {minutes(cpu)} of CPU time (`examples/results/timing.json`, all stages)"
+    return (f"{minutes(wall)} of wall time and {minutes(cpu)} of CPU time (`examples/results/timing.json`, all "
+            "stages, summed over the calls that wrote it: the run, its resumptions and re-renders of its report)")
 
 
 def _memorised(res: Results, regime: str) -> dict[float, list[float]]:

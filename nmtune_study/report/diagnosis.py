@@ -67,14 +67,22 @@ def recipe_stats(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, di
     return dict(out)
 
 
-def scale_stats(records: Sequence[Mapping[str, Any]], protocol: str) -> dict[str, dict[str, float]]:
-    """Mean ``weighted`` and ``unweighted`` ratio of each NMTune term to the task loss at the
-    first and last tuning epoch (``{"first": {term/kind: value}, "last": ...}``)."""
+def scale_stats(records: Sequence[Mapping[str, Any]], protocol: str) -> dict[str, dict[str, tuple[float, ...]]]:
+    """Median and quartiles of each NMTune term's ``weighted`` and ``unweighted`` ratio to the
+    task loss at the first and last tuning epoch, over the NMTune fits of ``protocol``
+    (``{"first": {"term/kind": (q25, median, q75)}, "last": ..., "fits": n}``; empty when no
+    record carries ``regularizer_scale``).
+
+    Quartiles, not the mean: the ratio divides by the task loss, so the few fits whose final
+    task loss is near zero would dominate a mean.
+    """
     fits = {}
     for r in records:
         if r["method"] == "nmtune" and r.get("protocol", "paper") == protocol and "regularizer_scale" in r:
             fits[(r["gamma"], r.get("pretrain_seed", 0), r["task"], r["seed"], r["fraction"])] = r["regularizer_scale"]
-    out: dict[str, dict[str, float]] = {}
+    if not fits:
+        return {}
+    out: dict[str, Any] = {"fits": len(fits)}
     for when in ("first", "last"):
         acc: dict[str, list[float]] = defaultdict(list)
         for sc in fits.values():
@@ -82,5 +90,5 @@ def scale_stats(records: Sequence[Mapping[str, Any]], protocol: str) -> dict[str
             for term in ("consistency", "covariance", "singular_value"):
                 for kind in ("weighted", "unweighted"):
                     acc[f"{term}/{kind}"].append(sc[when][term][kind])
-        out[when] = {k: float(np.mean(v)) for k, v in acc.items() if v}
+        out[when] = {k: tuple(float(q) for q in np.quantile(v, (0.25, 0.5, 0.75))) for k, v in acc.items()}
     return out

@@ -317,20 +317,25 @@ def _backbone_suspect(regime: str, acc: Mapping[float, Mapping[int, float | None
             + (f" (chance {100 * chance:.2f} %)" if chance else "") + "." + target]
 
 
-def _scale_suspect(sc: Mapping[str, Mapping[str, float]]) -> list[str]:
-    if not sc.get("first"):
+def _scale_suspect(sc: Mapping[str, Any]) -> list[str]:
+    if not sc:
         return []
+    names = ("consistency", "covariance", "singular_value")
 
     def terms(when: str) -> str:
         v = sc[when]
-        return ", ".join(f"{t} {v[f'{t}/weighted']:+.2e} ({v[f'{t}/unweighted']:+.2f} unweighted)"
-                         for t in ("consistency", "covariance", "singular_value") if f"{t}/weighted" in v)
+        parts = []
+        for t in (t for t in names if f"{t}/weighted" in v):
+            q25, med, q75 = v[f"{t}/weighted"]
+            parts.append(f"{t} {med:+.2e} [{q25:+.2e}, {q75:+.2e}] ({v[f'{t}/unweighted'][1]:+.2f} unweighted)")
+        return ", ".join(parts)
 
-    biggest = max(abs(sc["last"].get(f"{t}/weighted", 0.0)) for t in ("consistency", "covariance", "singular_value"))
+    biggest = max(abs(sc["last"][f"{t}/weighted"][1]) for t in names if f"{t}/weighted" in sc["last"])
     concl = ("the regularisers are a small perturbation of the task loss (< 5 % of it)" if biggest < 0.05
              else "the regularisers are a sizeable part of the objective")
-    return [f"- **Regulariser scale** (weighted term / task loss, mean over NMTune fits): first epoch "
-            f"{terms('first')}; last epoch {terms('last')}. Conclusion: {concl}."]
+    return [f"- **Regulariser scale** (weighted term / task loss, median [interquartile range] over "
+            f"{sc['fits']} NMTune fits; a mean would be dominated by the fits whose task loss ends near zero): "
+            f"first epoch {terms('first')}; last epoch {terms('last')}. Conclusion: {concl}."]
 
 
 def model_table(records: Sequence[dict[str, Any]], *, title: str = "") -> str:

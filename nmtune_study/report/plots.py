@@ -250,6 +250,7 @@ def plot_memorisation(curves: Mapping[float, Mapping[int, Sequence[Mapping[str, 
     for ax in axes:
         ax.legend(title="noise", fontsize=8)
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))  # epochs are whole
     if title:
         fig.suptitle(title)
     return save_figure(fig, path)
