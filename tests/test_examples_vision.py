@@ -52,13 +52,27 @@ def test_pretrain_resume_is_bit_identical(tmp_path, tiny_data):
                     progress=False)
 
 
-def test_pretrain_killed_process_resumes_to_identical_weights(tmp_path):
-    """SIGKILL a real pretrain.py process once its first checkpoint exists, rerun it, and
-    compare with an uninterrupted run: weights and loss history must be identical."""
-    import os
+def _run_until_then_sigkill(cmd: list[str], marker: pathlib.Path, env: dict[str, str], timeout: float = 300) -> None:
+    """Start ``cmd``, SIGKILL it as soon as ``marker`` exists (it must appear while the command runs)."""
     import signal
     import subprocess
     import time
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.monotonic() + timeout
+    while not marker.exists():
+        assert proc.poll() is None, f"{cmd[1]} exited before writing {marker.name}"
+        assert time.monotonic() < deadline, f"no {marker.name} within {timeout:.0f} s"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+
+
+def test_pretrain_killed_process_resumes_to_identical_weights(tmp_path):
+    """SIGKILL a real pretrain.py process once its first checkpoint exists, rerun it, and
+    compare with an uninterrupted run: weights and loss history must be identical."""
+    import subprocess
 
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, str(EXAMPLES / "pretrain.py"), "--tiny", "--epochs", "6", "--batch-size", "8",
@@ -68,16 +82,7 @@ def test_pretrain_killed_process_resumes_to_identical_weights(tmp_path):
     assert full.returncode == 0, full.stderr[-2000:]
 
     cut = tmp_path / "cut"
-    proc = subprocess.Popen([*cmd, "--out", str(cut)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=env)
-    deadline = time.monotonic() + 240
-    while not (cut / "checkpoint.pt").exists():
-        assert proc.poll() is None, "pretrain.py exited before writing a checkpoint"
-        assert time.monotonic() < deadline, "no checkpoint within 240 s"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
+    _run_until_then_sigkill([*cmd, "--out", str(cut)], cut / "checkpoint.pt", env)
     assert not (cut / "model.pt").exists(), "the run finished before it was killed"
     done = torch.load(cut / "checkpoint.pt", weights_only=False)["epoch"]
     assert 1 <= done < 6
@@ -382,9 +387,7 @@ def test_reproduce_paper_killed_mid_study_resumes_to_the_same_results(tmp_path):
     """SIGKILL the study command (as users run it) in the middle of its (noise, seed) cells, run the
     same command again: finished cells are not redone, and records and claims equal an
     uninterrupted run's."""
-    import signal
     import subprocess
-    import time
 
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, str(EXAMPLES / "reproduce_paper.py"), "--tiny", "--no-progress", "--jobs", "1"]
@@ -392,16 +395,7 @@ def test_reproduce_paper_killed_mid_study_resumes_to_the_same_results(tmp_path):
     assert full.returncode == 0, full.stderr[-2000:]
 
     cut = tmp_path / "cut"
-    proc = subprocess.Popen([*cmd, "--out", str(cut)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    marker = cut / "pretrain" / "g10" / "s0" / "model.pt"  # the middle of the cells
-    deadline = time.monotonic() + 300
-    while not marker.exists():
-        assert proc.poll() is None, "the study exited before the marker cell was pre-trained"
-        assert time.monotonic() < deadline, "no pre-trained model within 300 s"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
+    _run_until_then_sigkill([*cmd, "--out", str(cut)], cut / "pretrain" / "g10" / "s0" / "model.pt", env)  # mid-cells
     assert not (cut / "results.json").exists(), "the study finished before it was killed"
     finished = sorted(cut.glob("pretrain/*/s*/model.pt"))
     mtimes = {p: p.stat().st_mtime_ns for p in finished}
