@@ -401,6 +401,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=ClipPretrainConfig.epochs)
     p.add_argument("--batch-size", type=int, default=ClipPretrainConfig.batch_size)
     p.add_argument("--lr", type=float, default=ClipPretrainConfig.lr)
+    p.add_argument("--per-font", type=int, default=None,
+                   help="renderings per character and font (offline pairs; default 2, the faithful study uses 4)")
     p.add_argument("--tiny", action="store_true")
     tl.add_resume_arguments(p)
     return p
@@ -413,7 +415,9 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         return _write_config(argv[1:])
     a = parser().parse_args(argv)
     cfg = ClipPretrainConfig(gamma=a.gamma, seed=a.seed, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr)
-    return pretrain_clip(cd.offline_pairs(tiny=a.tiny), cd.offline_val(tiny=a.tiny), a.out, cfg,
+    if a.per_font is not None and a.per_font < 1:
+        raise ValueError(f"--per-font must be a positive number of renderings; got {a.per_font}")
+    return pretrain_clip(cd.offline_pairs(tiny=a.tiny, per_font=a.per_font), cd.offline_val(tiny=a.tiny), a.out, cfg,
                          stop_after=a.stop_after, progress=True, checkpoint_every_steps=a.checkpoint_every_steps)
 
 

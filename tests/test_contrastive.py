@@ -42,6 +42,23 @@ def test_captions_name_character_case_font_and_style():
     assert int((tok != 0).sum(1).max()) <= pc.MODEL_CONFIG["text_cfg"]["context_length"]
 
 
+def test_pretrain_clip_command_takes_the_studys_renderings_per_font(tmp_path, monkeypatch):
+    """``pretrain_clip.py --per-font N`` trains on the pairs the study's CLIP profile uses
+    (``offline_pairs(per_font=N)``); a non-positive count is refused before any work."""
+    seen = {}
+
+    def fake_pretrain(pairs, val, out, cfg, **kw):
+        seen.update(n=len(pairs.captions), gamma=cfg.gamma)
+        return {}
+
+    monkeypatch.setattr(pc, "pretrain_clip", fake_pretrain)
+    pc.run(["--tiny", "--per-font", "3", "--gamma", "0.3", "--out", str(tmp_path)])
+    assert seen == {"n": len(cd.offline_pairs(tiny=True, per_font=3).captions), "gamma": 0.3}
+    assert seen["n"] == 3 * len(cd.offline_pairs(tiny=True, per_font=1).captions)
+    with pytest.raises(ValueError, match="--per-font"):
+        pc.run(["--tiny", "--per-font", "0", "--out", str(tmp_path)])
+
+
 @pytest.mark.slow
 def test_tiny_regime_end_to_end_records_figures_and_skip_on_rerun(tmp_path):
     settings = ev.TuneSettings(seeds=(0,), epochs=2)
