@@ -124,6 +124,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--task", action="append", default=[],
                    help="downstream task spec (see nmtune_study.data.vision.parse_task_spec); default: the offline tasks")
     p.add_argument("--pretrain-epochs", type=int, default=None, help="default: the profile's")
+    p.add_argument("--clip-epochs", type=_positive_int, default=None,
+                   help="CLIP pre-training epochs of the contrastive regime (default: the profile's)")
     p.add_argument("--protocols", nargs="+", default=None, choices=["selected", "paper"],
                    help="downstream protocols (default: both; claims are decided on the first)")
     p.add_argument("--pretrain-batch-size", type=int, default=128)
@@ -152,11 +154,20 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number; got {text}")
+    return value
+
+
 def _settings(a: argparse.Namespace) -> dict[str, Any]:
     prof = PROFILES[a.profile]
     gammas = list(a.gammas) if a.gammas else list(prof["gammas"])
     ablations = list(ABLATIONS) if a.full else list(prof["ablations"] if a.ablations is None else a.ablations)
-    clip = dict(prof["clip"])
+    clip = {} if a.tiny else dict(prof["clip"])
+    if a.clip_epochs:
+        clip["epochs"] = a.clip_epochs
     return dict(
         profile=a.profile,
         gammas=gammas,
@@ -171,7 +182,7 @@ def _settings(a: argparse.Namespace) -> dict[str, Any]:
         ablations=ablations,
         ablation_gamma=a.ablation_gamma,
         lambdas=list(a.lambdas or LAMBDAS),
-        clip={} if a.tiny else clip,
+        clip=clip,
     )
 
 

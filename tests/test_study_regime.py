@@ -222,6 +222,17 @@ def test_default_profile_report_says_what_differs_from_faithful():
     assert rp._profile_notes(s) == ["The faithful profile: the committed study."]
 
 
+def test_clip_epochs_override_the_profile_and_the_report_says_so(capsys):
+    s = rp._settings(rp.parser().parse_args(["--profile", "faithful", "--clip-epochs", "60"]))
+    assert s["clip"] == dict(rp.PROFILES["faithful"]["clip"], epochs=60)
+    assert rp.PROFILES["faithful"]["clip"]["epochs"] == 20  # the profile itself is untouched
+    assert "'epochs': 60" in rp._profile_notes(s)[0] and "(faithful: {" in rp._profile_notes(s)[0]
+    assert rp._settings(rp.parser().parse_args(["--tiny", "--clip-epochs", "2"]))["clip"] == {"epochs": 2}
+    with pytest.raises(SystemExit):
+        rp.parser().parse_args(["--clip-epochs", "0"])
+    assert "--clip-epochs: expected a positive whole number; got 0" in capsys.readouterr().err
+
+
 def test_pretrain_rule_quotes_the_committed_calibration():
     """The pre-training length rule's figures come from the committed calibration runs."""
     cal = EXAMPLES / "results" / "calibration"

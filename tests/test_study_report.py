@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import doctest
+import json
+import pathlib
 import importlib
 import pkgutil
 
@@ -163,3 +165,28 @@ def test_every_study_module_is_collected() -> None:
 def test_docstring_examples(name: str) -> None:
     res = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert res.failed == 0, f"{res.failed} of {res.attempted} doctest examples in {name} failed (see stdout)"
+
+
+def test_compare_runs_command_tables_each_regime_and_names_a_missing_run(tmp_path, capsys) -> None:
+    from nmtune_study.report import compare
+
+    def run(name: str, verdicts: dict[str, str]) -> pathlib.Path:
+        d = tmp_path / name
+        d.mkdir()
+        claims = [{"claim": claim, "regime": regime, "verdict": v, "estimate": 0.5, "ci_low": 0.1, "ci_high": 0.9,
+                   "unit": "rho" if regime == "contrastive" else "points"}
+                  for (regime, claim), v in ((k.split(":"), v) for k, v in verdicts.items())]
+        (d / "claims.json").write_text(json.dumps(claims))
+        return d
+
+    a = run("a", {"supervised:s1": "reproduced", "contrastive:c1": "inconclusive", "contrastive:c2": "contradicted"})
+    b = run("b", {"supervised:s1": "reproduced", "contrastive:c1": "reproduced", "contrastive:c2": "reproduced"})
+    out = tmp_path / "cmp" / "comparison.md"
+    assert compare.main([str(a), str(b), "--labels", "20 epochs", "60 epochs", "--regimes", "contrastive",
+                         "--title", "T", "--intro", "what differs", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert text.startswith("# T\n\nwhat differs\n\n## contrastive\n") and "## supervised" not in text
+    assert "| c1 | +0.500 [+0.100, +0.900] inconclusive | +0.500 [+0.100, +0.900] reproduced | yes |" in text
+    assert capsys.readouterr().out.strip() == "Verdicts flipping between reproduced and contradicted: 1."
+    with pytest.raises(FileNotFoundError, match="finished run"):
+        compare.main([str(a), str(tmp_path / "missing"), "--labels", "x", "y", "--title", "T", "--out", str(out)])

@@ -17,12 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
 
-
-def _fmt(c: dict[str, Any]) -> str:
-    d = 3 if c.get("unit") in ("nats", "rho") else 2
-    return f"{c['estimate']:+.{d}f} [{c['ci_low']:+.{d}f}, {c['ci_high']:+.{d}f}] {c['verdict']}"
+from nmtune_study.report.compare import compare_claims, load_claims
 
 
 def _seeds(run: Path) -> str:
@@ -32,31 +28,15 @@ def _seeds(run: Path) -> str:
 
 def compare(a: Path, b: Path, commands: list[str]) -> str:
     """The markdown comparison of run ``a`` (the committed one) and run ``b``."""
-    ca, cb = (json.loads((r / "claims.json").read_text()) for r in (a, b))
-    sa, sb = _seeds(a), _seeds(b)
     pa, pb = (set(json.loads((r / "results.json").read_text())["settings"]["pretrain_seeds"]) for r in (a, b))
     if pa & pb:
         raise ValueError(f"both runs pre-trained with seeds {sorted(pa & pb)}; the comparison needs disjoint "
                          "pre-training seed sets")
-    lines = ["# Seed stability of the committed study's verdicts", "",
-             f"Same code and settings, two disjoint seed sets (pre-training / tuning): the committed run "
-             f"(`{commands[0]}`) and `{commands[1]}`. Estimates and combined 95% intervals as in "
-             "[report.md](report.md).", ""]
-    flips = 0
-    for regime in dict.fromkeys(c.get("regime", "supervised") for c in ca):
-        other = {c["claim"]: c for c in cb if c.get("regime", "supervised") == regime}
-        lines += [f"## {regime}", "", f"| claim | {sa}: estimate [CI] verdict | {sb}: estimate [CI] verdict | changed |",
-                  "|---|---|---|---|"]
-        for c in (c for c in ca if c.get("regime", "supervised") == regime):
-            o = other.get(c["claim"])
-            if o is None:
-                continue
-            changed = c["verdict"] != o["verdict"]
-            flips += {c["verdict"], o["verdict"]} == {"reproduced", "contradicted"}
-            lines.append(f"| {c['claim'][:70]} | {_fmt(c)} | {_fmt(o)} | {'yes' if changed else ''} |")
-        lines.append("")
-    lines.append(f"Verdicts flipping between reproduced and contradicted: {flips}.")
-    return "\n".join(lines) + "\n"
+    header = ["# Seed stability of the committed study's verdicts", "",
+              f"Same code and settings, two disjoint seed sets (pre-training / tuning): the committed run "
+              f"(`{commands[0]}`) and `{commands[1]}`. Estimates and combined 95% intervals as in "
+              "[report.md](report.md).", ""]
+    return compare_claims(load_claims(a), load_claims(b), [_seeds(a), _seeds(b)], header=header)
 
 
 def main(argv: list[str] | None = None) -> int:
