@@ -607,6 +607,23 @@ def r_clip_memorisation_cost(res: Results) -> str:
     return text
 
 
+def r_sentence_reference_table(res: Results) -> str:
+    body = section(res.bench(), "2026-12-05: the reference of NMTuneSentenceLoss")
+    ms = {r["mode"]: r for r in table_with(body, "mode", "cpu_ms", "/base", "/lora")}
+    copy = re.search(r"Frozen copy .*?: ([0-9.]+) MiB of parameters and buffers \(([0-9.]+) M parameters\)", body)
+    if copy is None:
+        raise KeyError("the bench_sentence_reference section does not state the frozen copy's size")
+    row = lambda mode, against: f"{ms[mode]['cpu_ms']} ms = {ratio(ms[mode][against])}"  # noqa: E731
+    lines = ["| reference | extra memory | CPU per step | against |", "|---|---|---|---|",
+             f"| `\"copy\"` | {copy.group(1)} MiB: the {copy.group(2)} M parameters again (float32) | "
+             f"**{row('nmtune_copy', '/base')}** | base loss alone, {ms['base']['cpu_ms']} ms |",
+             f"| cache hit (key column) | the copy, plus `rows × 384 × 4` bytes of cache (in memory or "
+             f"memory-mapped) | {row('nmtune_cached', '/base')} | base loss alone |",
+             f"| `\"adapter\"` (LoRA r=8 on query/value) | none | **{row('nmtune_lora', '/lora')}** | LoRA with the "
+             f"base loss alone, {ms['lora']['cpu_ms']} ms |"]
+    return "\n" + "\n".join(lines) + "\n"
+
+
 RENDERERS: dict[str, Callable[[Results], str]] = {
     "default-runtime": r_default_runtime,
     "faithful-runtime": r_faithful_runtime,
@@ -633,6 +650,7 @@ RENDERERS: dict[str, Callable[[Results], str]] = {
     "lora-cache-table": r_lora_cache_table,
     "lora-memory": r_lora_memory,
     "lora-memory-table": r_lora_memory_table,
+    "sentence-reference-table": r_sentence_reference_table,
 }
 
 
