@@ -624,6 +624,39 @@ def r_sentence_reference_table(res: Results) -> str:
     return "\n" + "\n".join(lines) + "\n"
 
 
+def _byte_model(res: Results) -> dict[tuple[int, str], list[dict[str, str]]]:
+    """The 32k-batch byte model of bench_distributed (RESULTS.md), float32 rows by D and path."""
+    body = section(res.bench(), "2026-12-04: distributed statistics")
+    rows = table_with(body, "ranks", "gather MB", "reduce MB", "gather peak MB", "reduce peak MB")
+    out: dict[tuple[int, str], list[dict[str, str]]] = {}
+    for r in rows:
+        if r["features"] == "float32":
+            out.setdefault((int(r["D"]), "rows"), []).append(r)
+    return out
+
+
+def _span(values: list[str]) -> str:
+    lo, hi = min(values, key=float), max(values, key=float)
+    return lo if lo == hi else f"{lo}–{hi}"
+
+
+def r_distributed_headline(res: Results) -> str:
+    rows = _byte_model(res)[(768, "rows")]
+    return (f"{_span([r['reduce MB'] for r in rows])} MB per step per rank instead of "
+            f"{_span([r['gather MB'] for r in rows])} MB")
+
+
+def r_distributed_clip_scale(res: Results) -> str:
+    parts = []
+    for d in (768, 1024):
+        rows = _byte_model(res)[(d, "rows")]
+        g, r = (_span([x[f"{k} MB"] for x in rows]) for k in ("gather", "reduce"))
+        gp, rp = (_span([x[f"{k} peak MB"] for x in rows]) for k in ("gather", "reduce"))
+        parts.append(f"D = {d}: gather {g} MB per step per rank and {gp} MB of statistics memory, reduce {r} MB "
+                     f"and {rp} MB")
+    return "; ".join(parts)
+
+
 RENDERERS: dict[str, Callable[[Results], str]] = {
     "default-runtime": r_default_runtime,
     "faithful-runtime": r_faithful_runtime,
@@ -651,6 +684,8 @@ RENDERERS: dict[str, Callable[[Results], str]] = {
     "lora-memory": r_lora_memory,
     "lora-memory-table": r_lora_memory_table,
     "sentence-reference-table": r_sentence_reference_table,
+    "distributed-headline": r_distributed_headline,
+    "distributed-clip-scale": r_distributed_clip_scale,
 }
 
 
