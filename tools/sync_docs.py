@@ -582,6 +582,15 @@ def _clip_calibration(res: Results) -> list[dict[str, Any]]:
     return sorted(runs, key=lambda r: (r["gamma"], r["epochs"]))
 
 
+def r_clip_memorisation_by_length(res: Results) -> str:
+    noisy = [r for r in _clip_calibration(res) if r["gamma"] > 0 and r["memorised"] is not None]
+    if not noisy:
+        return "no CLIP calibration run with swapped pairs is committed"
+    g, seed = noisy[-1]["gamma"], noisy[-1]["seed"]
+    each = ", ".join(f"{r['epochs']} epochs {r['memorised']:.3f}" for r in noisy if r["gamma"] == g and r["seed"] == seed)
+    return f"by pre-training length ({pct(g)} of the pairs swapped, seed {seed}): {each}"
+
+
 def r_clip_memorisation_cost(res: Results) -> str:
     runs = _clip_calibration(res)
     noisy = [r for r in runs if r["gamma"] > 0 and r["memorised"] is not None]
@@ -662,6 +671,7 @@ RENDERERS: dict[str, Callable[[Results], str]] = {
     "faithful-runtime": r_faithful_runtime,
     "memorisation": r_memorisation,
     "clip-memorisation-cost": r_clip_memorisation_cost,
+    "clip-memorisation-by-length": r_clip_memorisation_by_length,
     "protocol-verdicts": r_protocol_verdicts,
     "nmtune-margins": r_nmtune_margins,
     "supervised-verdicts": r_supervised_verdicts,
