@@ -267,3 +267,15 @@ def test_example_flags_share_one_vocabulary(capsys):
         with pytest.raises(SystemExit):
             main(["--seeds", "3,x"])
         assert "seeds are integers" in capsys.readouterr().err
+
+
+def test_memorisation_conclusion_has_three_levels():
+    """Below 0.1 the early-learning phase, at or above the 0.8 bar the paper's regime, partly memorised between."""
+    from nmtune_study.report.markdown import _memorisation_suspect
+
+    def conclusion(value):
+        return _memorisation_suspect("contrastive", {0.3: {0: value, 1: value}})[0].rsplit("Conclusion: ", 1)[1]
+
+    assert conclusion(0.016) == "not memorised: early-learning regime."
+    assert conclusion(0.69).startswith("partly memorised (below the bar")
+    assert conclusion(0.999) == "memorised (the paper's regime)."

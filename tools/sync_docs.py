@@ -616,6 +616,41 @@ def r_clip_memorisation_cost(res: Results) -> str:
     return text
 
 
+CLIP_LONG = "examples/results/clip_e60"  # the contrastive regime with longer-trained CLIPs (--clip-epochs)
+
+
+def r_clip_long_result(res: Results) -> str:
+    run = res.json(f"{CLIP_LONG}/results.json")
+    claims = [c for c in res.json(f"{CLIP_LONG}/claims.json") if c.get("regime") == "contrastive"]
+    short = [c for c in res.json(f"{CLIP_LONG}/short/claims.json") if c.get("regime") == "contrastive"]
+    epochs = run["settings"]["clip"]["epochs"]
+    base = res.json(f"{CLIP_LONG}/short/results.json")["settings"]["clip"]["epochs"]
+    seeds = run["settings"]["pretrain_seeds"]
+    mem = run["pretrain_memorised"]["contrastive"]
+    each = ", ".join(f"{pct(float(g))} {sum(v.values()) / len(v):.3f}"
+                     for g, v in sorted(mem.items(), key=lambda x: float(x[0])))
+    clean = run["pretrain_accuracy"]["contrastive"]["0.0"]
+    text = (f"with {epochs}-epoch CLIPs (`--clip-epochs {epochs}`, pre-training seeds "
+            f"{', '.join(map(str, seeds))}; otherwise the faithful profile) the swapped captions memorised at the end "
+            f"of pre-training are, by noise ratio, {each} (mean over the seeds), and the clean CLIPs' zero-shot "
+            f"accuracy is {100 * sum(clean.values()) / len(clean):.1f} %. That run decides {count_text(claims)} "
+            f"(the {base}-epoch CLIPs of the same seeds: {count_text(short)})")
+    margins = []
+    for kind in ("ID", "OOD"):
+        c = next((c for c in claims if c["claim"].startswith(f"NMTune beats LP and MLP tuning on {kind} accuracy")), None)
+        if c is not None:
+            margins.append(f"{kind} {claim_figure(c)} ({c['verdict']})")
+    if margins:
+        text += "; NMTune's margin over the better of LP and MLP tuning: " + ", ".join(margins)
+    rows = table_with(res.text(f"{CLIP_LONG}/comparison.md"), "claim", "changed")
+    verdict = lambda cell: cell.rsplit(" ", 1)[-1]  # noqa: E731
+    cols = [k for k in rows[0] if k not in ("claim", "changed")]
+    changed = [r for r in rows if r["changed"] == "yes"]
+    flips = [r for r in changed if {verdict(r[cols[0]]), verdict(r[cols[1]])} == {"reproduced", "contradicted"}]
+    return (text + f"; {len(changed)} of {len(rows)} verdicts differ between the two lengths, {len(flips)} of them "
+            f"between reproduced and contradicted")
+
+
 def r_sentence_reference_table(res: Results) -> str:
     body = section(res.bench(), "2026-12-05: the reference of NMTuneSentenceLoss")
     ms = {r["mode"]: r for r in table_with(body, "mode", "cpu_ms", "/base", "/lora")}
@@ -672,6 +707,7 @@ RENDERERS: dict[str, Callable[[Results], str]] = {
     "memorisation": r_memorisation,
     "clip-memorisation-cost": r_clip_memorisation_cost,
     "clip-memorisation-by-length": r_clip_memorisation_by_length,
+    "clip-long-result": r_clip_long_result,
     "protocol-verdicts": r_protocol_verdicts,
     "nmtune-margins": r_nmtune_margins,
     "supervised-verdicts": r_supervised_verdicts,

@@ -22,10 +22,13 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["MEMORISED_BAR", "ZEROSHOT_TARGET", "memorisation_stats", "recipe_stats", "scale_stats"]
+__all__ = ["EARLY_LEARNING_BELOW", "MEMORISED_BAR", "ZEROSHOT_TARGET", "memorisation_stats", "recipe_stats",
+           "scale_stats"]
 
 #: The memorisation the faithful supervised study must reach at its largest noise ratio.
 MEMORISED_BAR = 0.8
+#: Below this a model has fitted essentially none of its noisy labels: the early-learning phase.
+EARLY_LEARNING_BELOW = 0.1
 #: The clean CLIP's zero-shot accuracy the faithful contrastive regime aims at: 3.5x the 7.1 %
 #: of the 0.2 study's CLIP and about 27x chance over its 109 classes, reachable in the budget
 #: (calibration runs of the clean CLIP: 26 % after a 15-epoch schedule, 41 % after 30; metrics in

@@ -16,7 +16,8 @@ import numpy as np
 from nmtune_study.common import mean_std
 from nmtune_study.report import stats as S
 from nmtune_study.report.claims import draw_decided, verdict_counts
-from nmtune_study.report.diagnosis import MEMORISED_BAR, ZEROSHOT_TARGET, memorisation_stats, recipe_stats, scale_stats
+from nmtune_study.report.diagnosis import (EARLY_LEARNING_BELOW, MEMORISED_BAR, ZEROSHOT_TARGET, memorisation_stats,
+                                          recipe_stats, scale_stats)
 from nmtune_study.report.records import method_name, primary_protocol, summarize_records
 
 __all__ = ["ABLATION_TITLES", "SPECTRA_LINES", "STATISTICS", "ablation_lines", "ablation_markdown",
@@ -273,7 +274,12 @@ def _memorisation_suspect(regime: str, memorised: Mapping[float, Mapping[int, fl
     m = mem[g_max]
     unit = ("flipped labels predicted as their noisy label" if regime == "supervised" else
             "swapped pairs whose top-ranked training caption is the swapped-in one")
-    verdict = "memorised (the paper's regime)" if m["mean"] >= MEMORISED_BAR else "not memorised: early-learning regime"
+    if m["mean"] >= MEMORISED_BAR:
+        verdict = "memorised (the paper's regime)"
+    elif m["mean"] >= EARLY_LEARNING_BELOW:
+        verdict = f"partly memorised (below the bar, above the {EARLY_LEARNING_BELOW} of the early-learning phase)"
+    else:
+        verdict = "not memorised: early-learning regime"
     return [f"- **Memorisation.** At {100 * g_max:g}% noise the models memorised {m['mean']:.3f} ± "
             f"{m['std']:.3f} of their {unit} (bar {MEMORISED_BAR}; per noise ratio: "
             + ", ".join(f"{100 * g:g}% {s['mean']:.3f}" for g, s in mem.items()) + f"). Conclusion: {verdict}."]
