@@ -78,6 +78,23 @@ def seed_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"seeds are integers, alone or comma-separated (3,4,5); got {text!r}") from None
 
 
+def positive_int(text: str) -> int:
+    """The command lines' type for counts (epochs, renderings): a whole number >= 1, so that 0 is
+    refused instead of falling back to a default.
+
+    Example:
+        >>> positive_int("60")
+        60
+    """
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number; got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number; got {text!r}")
+    return value
+
+
 def flat(groups: Iterable[Iterable[int]] | None) -> list[int] | None:
     """``[[3, 4], [5]]`` -> ``[3, 4, 5]`` (``None`` stays ``None``)."""
     return None if groups is None else [x for g in groups for x in g]

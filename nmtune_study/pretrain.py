@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, RandomSampler
 
 from nmtune.noise import asymmetric_noise, symmetric_noise
 from nmtune_study import train_loop as tl
-from nmtune_study.common import atomic_save, cached, hit_rate, noise_ratio
+from nmtune_study.common import atomic_save, cached, hit_rate, noise_ratio, positive_int
 from nmtune_study.data import vision as vd
 
 __all__ = ["PretrainConfig", "build_backbone", "backbone_features", "memorisation", "pretrain", "load_backbone",
@@ -465,7 +465,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "off"])
     p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--per-char", type=int, default=80, help="glyph renderings per character (offline data)")
+    p.add_argument("--per-char", type=positive_int, default=80, help="glyph renderings per character (offline data)")
     p.add_argument("--channels-last", action="store_true", help="channels-last model and batches (faster on CPU)")
     p.add_argument("--tiny", action="store_true")
     tl.add_resume_arguments(p)

@@ -48,7 +48,7 @@ import torch
 
 from nmtune_study import noisy_shards as ns
 from nmtune_study import train_loop as tl
-from nmtune_study.common import atomic_save, hit_rate, noise_ratio
+from nmtune_study.common import atomic_save, hit_rate, noise_ratio, positive_int
 from nmtune_study.data import clip as cd
 
 __all__ = ["MODEL_NAME", "MODEL_CONFIG", "PRESETS", "ClipPretrainConfig", "register_model_config",
@@ -401,7 +401,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=ClipPretrainConfig.epochs)
     p.add_argument("--batch-size", type=int, default=ClipPretrainConfig.batch_size)
     p.add_argument("--lr", type=float, default=ClipPretrainConfig.lr)
-    p.add_argument("--per-font", type=int, default=None,
+    p.add_argument("--per-font", type=positive_int, default=None,
                    help="renderings per character and font (offline pairs; default 2, the faithful study uses 4)")
     p.add_argument("--tiny", action="store_true")
     tl.add_resume_arguments(p)
@@ -415,8 +415,6 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         return _write_config(argv[1:])
     a = parser().parse_args(argv)
     cfg = ClipPretrainConfig(gamma=a.gamma, seed=a.seed, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr)
-    if a.per_font is not None and a.per_font < 1:
-        raise ValueError(f"--per-font must be a positive number of renderings; got {a.per_font}")
     return pretrain_clip(cd.offline_pairs(tiny=a.tiny, per_font=a.per_font), cd.offline_val(tiny=a.tiny), a.out, cfg,
                          stop_after=a.stop_after, progress=True, checkpoint_every_steps=a.checkpoint_every_steps)
 

@@ -58,7 +58,7 @@ from nmtune_study import language as language_study
 from nmtune_study import evaluate as ev
 from nmtune_study import pretrain as pt
 from nmtune_study.common import atomic_write_text, cached, committed_results, cpu_seconds, flat, noise_ratio, \
-    run_cells, seed_list
+    positive_int, run_cells, seed_list
 from nmtune_study.data import vision as vd
 from nmtune_study.report.assemble import write_report
 
@@ -123,8 +123,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=224, help="image size of the real-data transforms")
     p.add_argument("--task", action="append", default=[],
                    help="downstream task spec (see nmtune_study.data.vision.parse_task_spec); default: the offline tasks")
-    p.add_argument("--pretrain-epochs", type=int, default=None, help="default: the profile's")
-    p.add_argument("--clip-epochs", type=_positive_int, default=None,
+    p.add_argument("--pretrain-epochs", type=positive_int, default=None, help="default: the profile's")
+    p.add_argument("--clip-epochs", type=positive_int, default=None,
                    help="CLIP pre-training epochs of the contrastive regime (default: the profile's)")
     p.add_argument("--protocols", nargs="+", default=None, choices=["selected", "paper"],
                    help="downstream protocols (default: both; claims are decided on the first)")
@@ -152,13 +152,6 @@ def parser() -> argparse.ArgumentParser:
                         "results do not depend on it")
     p.add_argument("--no-progress", action="store_true")
     return p
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive whole number; got {text}")
-    return value
 
 
 def _settings(a: argparse.Namespace) -> dict[str, Any]:

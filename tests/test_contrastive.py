@@ -42,7 +42,7 @@ def test_captions_name_character_case_font_and_style():
     assert int((tok != 0).sum(1).max()) <= pc.MODEL_CONFIG["text_cfg"]["context_length"]
 
 
-def test_pretrain_clip_command_takes_the_studys_renderings_per_font(tmp_path, monkeypatch):
+def test_pretrain_clip_command_takes_the_studys_renderings_per_font(tmp_path, monkeypatch, capsys):
     """``pretrain_clip.py --per-font N`` trains on the pairs the study's CLIP profile uses
     (``offline_pairs(per_font=N)``); a non-positive count is refused before any work."""
     seen = {}
@@ -55,8 +55,10 @@ def test_pretrain_clip_command_takes_the_studys_renderings_per_font(tmp_path, mo
     pc.run(["--tiny", "--per-font", "3", "--gamma", "0.3", "--out", str(tmp_path)])
     assert seen == {"n": len(cd.offline_pairs(tiny=True, per_font=3).captions), "gamma": 0.3}
     assert seen["n"] == 3 * len(cd.offline_pairs(tiny=True, per_font=1).captions)
-    with pytest.raises(ValueError, match="--per-font"):
+    with pytest.raises(SystemExit):
         pc.run(["--tiny", "--per-font", "0", "--out", str(tmp_path)])
+    assert "--per-font: expected a positive whole number; got '0'" in capsys.readouterr().err
+    assert seen["n"] == 3 * len(cd.offline_pairs(tiny=True, per_font=1).captions)  # nothing ran again
 
 
 @pytest.mark.slow

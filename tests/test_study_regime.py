@@ -228,9 +228,13 @@ def test_clip_epochs_override_the_profile_and_the_report_says_so(capsys):
     assert rp.PROFILES["faithful"]["clip"]["epochs"] == 20  # the profile itself is untouched
     assert "'epochs': 60" in rp._profile_notes(s)[0] and "(faithful: {" in rp._profile_notes(s)[0]
     assert rp._settings(rp.parser().parse_args(["--tiny", "--clip-epochs", "2"]))["clip"] == {"epochs": 2}
+    for flag in ("--clip-epochs", "--pretrain-epochs"):  # 0 is refused, not read as "the profile's"
+        with pytest.raises(SystemExit):
+            rp.parser().parse_args([flag, "0"])
+        assert f"{flag}: expected a positive whole number; got '0'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        rp.parser().parse_args(["--clip-epochs", "0"])
-    assert "--clip-epochs: expected a positive whole number; got 0" in capsys.readouterr().err
+        pt.parser().parse_args(["--out", "x", "--per-char", "0"])
+    assert "--per-char: expected a positive whole number" in capsys.readouterr().err
 
 
 def test_pretrain_rule_quotes_the_committed_calibration():
