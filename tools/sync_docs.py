@@ -248,6 +248,18 @@ def _seed_stability(res: Results) -> tuple[list[dict[str, str]], str]:
     return rows, text
 
 
+def _verdict(cell: str) -> str:
+    """The verdict at the end of a comparison cell (``estimate [low, high] verdict``)."""
+    return cell.rsplit(" ", 1)[-1]
+
+
+def _verdict_changes(rows: list[dict[str, str]], a: str, b: str) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """The rows of a comparison table (nmtune_study.report.compare) whose verdict differs between
+    columns ``a`` and ``b``, and those of them that flip between reproduced and contradicted."""
+    changed = [r for r in rows if _verdict(r[a]) != _verdict(r[b])]
+    return changed, [r for r in changed if {_verdict(r[a]), _verdict(r[b])} == {"reproduced", "contradicted"}]
+
+
 def r_seed_stability(res: Results) -> str:
     rows, _ = _seed_stability(res)
     committed = {c["claim"][:70]: c for c in res.claims("supervised")}
@@ -262,10 +274,8 @@ def r_seed_stability(res: Results) -> str:
         return ("The seed-stability comparison in `examples/results/seed_stability.md` was made "
                 "on an earlier run and no longer matches `claims.json`; rerun it with "
                 "`--seeds 3,4,5 --pretrain-seeds 3,4,5` before quoting it")
-    verdict = lambda cell: cell.rsplit(" ", 1)[-1]  # noqa: E731
-    changed = [r for r in rows if verdict(r[base]) != verdict(r[other])]
-    flips = [r for r in changed if {verdict(r[base]), verdict(r[other])} == {"reproduced", "contradicted"}]
-    kinds = sorted({" and ".join(sorted({verdict(r[base]), verdict(r[other])})) for r in changed})
+    changed, flips = _verdict_changes(rows, base, other)
+    kinds = sorted({" and ".join(sorted({_verdict(r[base]), _verdict(r[other])})) for r in changed})
     seeds = other.split(":")[0].replace("seeds ", "")
     if " / " in seeds:  # "pre-training / tuning" (tools/seed_stability.py)
         pre, tune = seeds.split(" / ")
@@ -643,10 +653,7 @@ def r_clip_long_result(res: Results) -> str:
     if margins:
         text += "; NMTune's margin over the better of LP and MLP tuning: " + ", ".join(margins)
     rows = table_with(res.text(f"{CLIP_LONG}/comparison.md"), "claim", "changed")
-    verdict = lambda cell: cell.rsplit(" ", 1)[-1]  # noqa: E731
-    cols = [k for k in rows[0] if k not in ("claim", "changed")]
-    changed = [r for r in rows if r["changed"] == "yes"]
-    flips = [r for r in changed if {verdict(r[cols[0]]), verdict(r[cols[1]])} == {"reproduced", "contradicted"}]
+    changed, flips = _verdict_changes(rows, *(k for k in rows[0] if k not in ("claim", "changed")))
     return (text + f"; {len(changed)} of {len(rows)} verdicts differ between the two lengths, {len(flips)} of them "
             f"between reproduced and contradicted")
 
@@ -668,15 +675,11 @@ def r_sentence_reference_table(res: Results) -> str:
     return "\n" + "\n".join(lines) + "\n"
 
 
-def _byte_model(res: Results) -> dict[tuple[int, str], list[dict[str, str]]]:
-    """The 32k-batch byte model of bench_distributed (RESULTS.md), float32 rows by D and path."""
+def _byte_model(res: Results, d: int) -> list[dict[str, str]]:
+    """The rows of bench_distributed's 32k-batch byte model (RESULTS.md) for float32 features of width ``d``."""
     body = section(res.bench(), "2026-12-04: distributed statistics")
     rows = table_with(body, "ranks", "gather MB", "reduce MB", "gather peak MB", "reduce peak MB")
-    out: dict[tuple[int, str], list[dict[str, str]]] = {}
-    for r in rows:
-        if r["features"] == "float32":
-            out.setdefault((int(r["D"]), "rows"), []).append(r)
-    return out
+    return [r for r in rows if r["features"] == "float32" and int(r["D"]) == d]
 
 
 def _span(values: list[str]) -> str:
@@ -685,7 +688,7 @@ def _span(values: list[str]) -> str:
 
 
 def r_distributed_headline(res: Results) -> str:
-    rows = _byte_model(res)[(768, "rows")]
+    rows = _byte_model(res, 768)
     return (f"{_span([r['reduce MB'] for r in rows])} MB per step per rank instead of "
             f"{_span([r['gather MB'] for r in rows])} MB")
 
@@ -693,7 +696,7 @@ def r_distributed_headline(res: Results) -> str:
 def r_distributed_clip_scale(res: Results) -> str:
     parts = []
     for d in (768, 1024):
-        rows = _byte_model(res)[(d, "rows")]
+        rows = _byte_model(res, d)
         g, r = (_span([x[f"{k} MB"] for x in rows]) for k in ("gather", "reduce"))
         gp, rp = (_span([x[f"{k} peak MB"] for x in rows]) for k in ("gather", "reduce"))
         parts.append(f"D = {d}: gather {g} MB per step per rank and {gp} MB of statistics memory, reduce {r} MB "
